@@ -1,0 +1,216 @@
+//! The delivery worker pool: receive ids, claim each message with a lease,
+//! send one envelope per due recipient through the relay chain, record the
+//! outcome in one transaction, then acknowledge. Never holds a transaction
+//! across SMTP. On shutdown it stops taking work and finishes what it holds.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::{decide, Policy};
+use crate::domain::{now_ms, Attempt, Status};
+use crate::keys::KeyMode;
+use crate::metrics::Metrics;
+use crate::queue::{Job, Queue};
+use crate::relay::RelayChain;
+use crate::store::{Claim, DeliveryReport, RecipientResult, Store};
+
+pub struct Worker {
+    pub store: Arc<dyn Store>,
+    pub queue: Arc<dyn Queue>,
+    pub relays: RelayChain,
+    /// True when `relays` is the capture relay (no SMTP configured).
+    pub relays_capture: bool,
+    pub policy: Policy,
+    pub lease: Duration,
+    pub concurrency: usize,
+    pub owner: String,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Worker {
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let tasks = TaskTracker::new();
+        loop {
+            let first = tokio::select! {
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.cancelled() => break,
+            };
+            let want = permits.available_permits() + 1;
+            let jobs = tokio::select! {
+                r = self.queue.receive(want, Duration::from_secs(1)) => r,
+                _ = shutdown.cancelled() => break,
+            };
+            let jobs = match jobs {
+                Ok(jobs) => jobs,
+                Err(e) => {
+                    tracing::warn!(error = %e, "queue receive failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    continue;
+                }
+            };
+            let mut first = Some(first);
+            for job in jobs {
+                let permit = match first.take() {
+                    Some(p) => p,
+                    None => match permits.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
+                let worker = self.clone();
+                let span =
+                    tracing::info_span!("delivery", message_id = %job.id, lane = job.lane.as_str());
+                tasks.spawn(
+                    async move {
+                        worker.process(job).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+        tasks.close();
+        tracing::info!(
+            in_flight = tasks.len(),
+            "worker stopping; finishing deliveries in flight"
+        );
+        tasks.wait().await;
+    }
+
+    async fn process(&self, job: Job) {
+        let now = now_ms();
+        let lease_until = now + self.lease.as_millis() as i64;
+        let claim = match self
+            .store
+            .claim(&job.id, &self.owner, now, lease_until)
+            .await
+        {
+            Ok(Some(claim)) => claim,
+            Ok(None) => {
+                self.ack(&job).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "claim failed; the sweeper will retry");
+                return;
+            }
+        };
+        let report = self.deliver(&claim).await;
+        match self.store.record(&report).await {
+            Ok(result) => {
+                if let (false, Some(next)) = (result.status.is_final(), result.next_attempt_at) {
+                    if let Err(e) = self.queue.schedule(&job.id, result.priority, next).await {
+                        tracing::warn!(error = %e, "could not schedule retry; the sweeper will");
+                    }
+                }
+                self.ack(&job).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not record delivery; lease will expire and it will be retried")
+            }
+        }
+    }
+
+    async fn ack(&self, job: &Job) {
+        if let Err(e) = self.queue.ack(job).await {
+            tracing::debug!(error = %e, "ack failed");
+        }
+    }
+
+    async fn deliver(&self, claim: &Claim) -> DeliveryReport {
+        let message = &claim.message;
+        let captured = message.mode == KeyMode::Test || self.relays_capture;
+        let chain = if message.mode == KeyMode::Test {
+            RelayChain::capture()
+        } else {
+            self.relays.clone()
+        };
+        let emails: Vec<String> = claim.recipients.iter().map(|r| r.email.clone()).collect();
+        let suppressed: HashSet<String> = match self.store.suppressed(&emails).await {
+            Ok(list) => list.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "suppression lookup failed; treating as not suppressed");
+                HashSet::new()
+            }
+        };
+        let mut results = Vec::with_capacity(claim.recipients.len());
+        for r in &claim.recipients {
+            let now = now_ms();
+            let ended = |status: Status, reason: &str| RecipientResult {
+                idx: r.idx,
+                email: r.email.clone(),
+                status,
+                attempts: Vec::new(),
+                next_attempt_at: None,
+                suppress: false,
+                reason: Some(reason.to_string()),
+            };
+            if message.expires_at.is_some_and(|e| now >= e) {
+                results.push(ended(Status::Expired, "expired"));
+                continue;
+            }
+            if suppressed.contains(&r.email.to_lowercase()) {
+                results.push(ended(
+                    Status::Suppressed,
+                    "address is on the suppression list",
+                ));
+                continue;
+            }
+            let attempts: Vec<Attempt> = chain
+                .deliver(&claim.mail_from, &r.email, claim.mime.as_bytes())
+                .await;
+            let Some(last) = attempts.last() else {
+                continue;
+            };
+            let now = now_ms();
+            let d = decide(
+                last,
+                r.attempts,
+                message.created_at,
+                message.expires_at,
+                now,
+                &self.policy,
+            );
+            if d.status == Status::Delivered {
+                let since = message.send_at.unwrap_or(message.created_at);
+                self.metrics
+                    .time_to_relay((now - since).max(0) as f64 / 1000.0);
+            }
+            tracing::info!(
+                recipient_idx = r.idx,
+                status = d.status.as_str(),
+                relay = %last.relay,
+                smtp_code = last.smtp_code,
+                "delivery attempt"
+            );
+            results.push(RecipientResult {
+                idx: r.idx,
+                email: r.email.clone(),
+                status: d.status,
+                attempts,
+                next_attempt_at: d.next_attempt_at,
+                suppress: d.suppress,
+                reason: d.reason,
+            });
+        }
+        for r in &results {
+            self.metrics.delivery(r.status.as_str());
+        }
+        DeliveryReport {
+            message_id: message.id.clone(),
+            now: now_ms(),
+            redact: !captured,
+            results,
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! `GET /v1/events?after=`: the durable event log, oldest first, so a
+//! consumer that missed webhooks can catch up. Events become visible one
+//! second after they are written, so that a transaction committing late
+//! cannot slip in behind a cursor that has already moved past it.
+
+use axum::extract::State;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::messages::event_view;
+use super::{AppState, Auth, Params, Routes};
+use crate::domain::now_ms;
+use crate::error::ApiError;
+use crate::keys::Scope;
+use crate::store::EventFilter;
+
+pub const SETTLE_MS: i64 = 1000;
+
+pub fn routes(r: Routes) -> Routes {
+    r.get("/v1/events", list)
+}
+
+async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+    params: Params,
+) -> Result<Json<Value>, ApiError> {
+    auth.require(Scope::Read)?;
+    params.only(&["after", "type", "limit"])?;
+    let after = params
+        .str("after")
+        .map(|a| {
+            a.parse::<i64>()
+                .map_err(|_| ApiError::validation("after", "must be a cursor from a previous page"))
+        })
+        .transpose()?;
+    let limit = params.limit()?;
+    let filter = EventFilter {
+        after_seq: after,
+        event_type: params.str("type").map(str::to_string),
+        key_id: auth.owner_filter(),
+        created_before: now_ms() - SETTLE_MS,
+        limit,
+    };
+    let events = state.store.list_events(&filter).await?;
+    let data: Vec<Value> = events.iter().map(event_view).collect();
+    let next = data
+        .last()
+        .and_then(|e| e["cursor"].as_str().map(str::to_string))
+        .or_else(|| after.map(|a| a.to_string()));
+    Ok(Json(json!({"data": data, "next_cursor": next})))
+}

@@ -1,0 +1,302 @@
+//! API keys (admin): create (the key is in this response only), list, read,
+//! update limits and scopes, revoke (effective on the next request, in every
+//! process, since keys are looked up per request).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+
+use super::extract::object;
+use super::{AppState, Auth, JsonBody, Routes};
+use crate::domain::{format_ms, now_ms, EmailAddress};
+use crate::error::{ApiError, FieldError};
+use crate::keys::{new_key, ApiKey, KeyLimits, KeyMode, Scope};
+use crate::store::KeyPatch;
+
+pub fn routes(r: Routes) -> Routes {
+    r.post("/v1/keys", create)
+        .get("/v1/keys", list)
+        .get("/v1/keys/{id}", get)
+        .patch("/v1/keys/{id}", patch)
+        .delete("/v1/keys/{id}", revoke)
+}
+
+const FIELDS: &[&str] = &[
+    "name",
+    "scopes",
+    "rate_per_second",
+    "burst",
+    "daily_quota",
+    "monthly_quota",
+    "per_recipient_hourly",
+    "allowed_from_domains",
+    "mode",
+];
+
+pub fn key_view(k: &ApiKey) -> Value {
+    json!({
+        "id": k.id,
+        "name": k.name,
+        "prefix": format!("mr_{}", k.prefix),
+        "scopes": k.scopes,
+        "mode": k.mode.as_str(),
+        "rate_per_second": k.limits.rate_per_second,
+        "burst": k.limits.burst,
+        "daily_quota": k.limits.daily_quota,
+        "monthly_quota": k.limits.monthly_quota,
+        "per_recipient_hourly": k.limits.per_recipient_hourly,
+        "allowed_from_domains": k.allowed_from_domains,
+        "created_at": format_ms(k.created_at),
+        "revoked_at": k.revoked_at.map(format_ms),
+    })
+}
+
+/// Parses the fields of a create or patch body; `None` for absent fields.
+struct KeyFields {
+    name: Option<String>,
+    scopes: Option<Vec<Scope>>,
+    mode: Option<KeyMode>,
+    limits: KeyLimits,
+    limits_given: bool,
+    domains: Option<Vec<String>>,
+}
+
+fn positive(obj: &Map<String, Value>, field: &str, errors: &mut Vec<FieldError>) -> Option<i64> {
+    match obj.get(field) {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_i64().filter(|n| *n > 0) {
+            Some(n) => Some(n),
+            None => {
+                errors.push(FieldError::new(field, "must be a positive integer"));
+                None
+            }
+        },
+    }
+}
+
+fn parse_fields(obj: &Map<String, Value>, base: &KeyLimits) -> Result<KeyFields, ApiError> {
+    let mut errors = Vec::new();
+    let name = match obj.get("name") {
+        None => None,
+        Some(Value::String(n)) if !n.trim().is_empty() && n.len() <= 100 => {
+            Some(n.trim().to_string())
+        }
+        Some(_) => {
+            errors.push(FieldError::new(
+                "name",
+                "must be a non-empty string of at most 100 characters",
+            ));
+            None
+        }
+    };
+    let scopes = match obj.get("scopes") {
+        None => None,
+        Some(Value::Array(items)) if !items.is_empty() => {
+            let mut scopes = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                match item.as_str().and_then(Scope::parse) {
+                    Some(s) if !scopes.contains(&s) => scopes.push(s),
+                    Some(_) => {}
+                    None => errors.push(FieldError::new(
+                        format!("scopes[{i}]"),
+                        "must be send, read or admin",
+                    )),
+                }
+            }
+            Some(scopes)
+        }
+        Some(_) => {
+            errors.push(FieldError::new(
+                "scopes",
+                "must be a non-empty array of send, read, admin",
+            ));
+            None
+        }
+    };
+    let mode = match obj.get("mode") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_str().and_then(KeyMode::parse) {
+            Some(m) => Some(m),
+            None => {
+                errors.push(FieldError::new("mode", "must be live or test"));
+                None
+            }
+        },
+    };
+    let rate = match obj.get("rate_per_second") {
+        None => base.rate_per_second,
+        Some(Value::Null) => None,
+        Some(v) => match v.as_f64().filter(|r| *r > 0.0 && r.is_finite()) {
+            Some(r) => Some(r),
+            None => {
+                errors.push(FieldError::new(
+                    "rate_per_second",
+                    "must be a positive number",
+                ));
+                None
+            }
+        },
+    };
+    let pick = |field: &str, old: Option<i64>, errors: &mut Vec<FieldError>| {
+        if obj.contains_key(field) {
+            positive(obj, field, errors)
+        } else {
+            old
+        }
+    };
+    let limits = KeyLimits {
+        rate_per_second: rate,
+        burst: pick("burst", base.burst, &mut errors),
+        daily_quota: pick("daily_quota", base.daily_quota, &mut errors),
+        monthly_quota: pick("monthly_quota", base.monthly_quota, &mut errors),
+        per_recipient_hourly: pick(
+            "per_recipient_hourly",
+            base.per_recipient_hourly,
+            &mut errors,
+        ),
+    };
+    if limits.burst.is_some() && limits.rate_per_second.is_none() {
+        errors.push(FieldError::new("burst", "needs rate_per_second"));
+    }
+    let domains = match obj.get("allowed_from_domains") {
+        None => None,
+        Some(Value::Null) => Some(Vec::new()),
+        Some(Value::Array(items)) => {
+            let mut out = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let ok = item
+                    .as_str()
+                    .filter(|d| EmailAddress::parse(&format!("x@{d}")).is_ok());
+                match ok {
+                    Some(d) => out.push(d.to_lowercase()),
+                    None => errors.push(FieldError::new(
+                        format!("allowed_from_domains[{i}]"),
+                        "must be a domain name",
+                    )),
+                }
+            }
+            Some(out)
+        }
+        Some(_) => {
+            errors.push(FieldError::new(
+                "allowed_from_domains",
+                "must be an array of domain names",
+            ));
+            None
+        }
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    let limits_given = [
+        "rate_per_second",
+        "burst",
+        "daily_quota",
+        "monthly_quota",
+        "per_recipient_hourly",
+    ]
+    .iter()
+    .any(|f| obj.contains_key(*f));
+    Ok(KeyFields {
+        name,
+        scopes,
+        mode,
+        limits,
+        limits_given,
+        domains,
+    })
+}
+
+async fn create(
+    State(state): State<AppState>,
+    auth: Auth,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    auth.require(Scope::Admin)?;
+    let obj = object(&body, FIELDS)?;
+    let fields = parse_fields(obj, &KeyLimits::default())?;
+    let mut missing = Vec::new();
+    if fields.name.is_none() {
+        missing.push(FieldError::new("name", "is required"));
+    }
+    if fields.scopes.is_none() {
+        missing.push(FieldError::new("scopes", "is required"));
+    }
+    if !missing.is_empty() {
+        return Err(ApiError::Validation(missing));
+    }
+    let (key, plaintext) = new_key(
+        fields.name.unwrap_or_default(),
+        fields.scopes.unwrap_or_default(),
+        fields.mode.unwrap_or(KeyMode::Live),
+        fields.limits,
+        fields.domains.unwrap_or_default(),
+        now_ms(),
+    );
+    state.store.create_key(&key).await?;
+    let mut view = key_view(&key);
+    view["key"] = json!(plaintext);
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+    auth.require(Scope::Admin)?;
+    let keys = state.store.list_keys().await?;
+    let data: Vec<Value> = keys.iter().map(key_view).collect();
+    Ok(Json(json!({"data": data, "next_cursor": null})))
+}
+
+async fn find(state: &AppState, id: &str) -> Result<ApiKey, ApiError> {
+    state
+        .store
+        .key(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("No key {id}.")))
+}
+
+async fn get(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    auth.require(Scope::Admin)?;
+    Ok(Json(key_view(&find(&state, &id).await?)))
+}
+
+async fn patch(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>, ApiError> {
+    auth.require(Scope::Admin)?;
+    let current = find(&state, &id).await?;
+    let obj = object(&body, FIELDS)?;
+    let fields = parse_fields(obj, &current.limits)?;
+    let patch = KeyPatch {
+        name: fields.name,
+        scopes: fields.scopes,
+        mode: fields.mode,
+        limits: fields.limits_given.then_some(fields.limits),
+        allowed_from_domains: fields.domains,
+    };
+    let updated = state
+        .store
+        .update_key(&id, &patch)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("No key {id}.")))?;
+    Ok(Json(key_view(&updated)))
+}
+
+async fn revoke(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    auth.require(Scope::Admin)?;
+    find(&state, &id).await?;
+    state.store.revoke_key(&id, now_ms()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,330 @@
+//! Templates: `PUT /v1/templates/{name}` adds an immutable version (syntax
+//! errors name part, line and column), `GET` lists and reads versions,
+//! `DELETE` removes customer versions (built-ins come back), and
+//! `POST .../render` renders exactly as a send would.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::extract::object;
+use super::{AppState, Auth, JsonBody, Params, Routes};
+use crate::domain::{format_ms, now_ms, Priority};
+use crate::error::{ApiError, FieldError};
+use crate::keys::Scope;
+use crate::sending::request::{is_locale, is_slug};
+use crate::store::TemplateVersion;
+use crate::templates;
+
+pub fn routes(r: Routes) -> Routes {
+    r.get("/v1/templates", list)
+        .get("/v1/templates/{name}", get)
+        .put("/v1/templates/{name}", put)
+        .delete("/v1/templates/{name}", delete)
+        .get("/v1/templates/{name}/versions", versions)
+        .post("/v1/templates/{name}/render", render)
+}
+
+fn version_view(t: &TemplateVersion) -> Value {
+    json!({
+        "name": t.name,
+        "locale": t.locale,
+        "version": t.version,
+        "subject": t.subject,
+        "html": t.html,
+        "text": t.text,
+        "required": t.required,
+        "secret": t.secret,
+        "description": t.description,
+        "priority": t.priority.map(|p| p.as_str()),
+        "builtin": t.builtin,
+        "created_at": format_ms(t.created_at),
+    })
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    if is_slug(name) {
+        Ok(())
+    } else {
+        Err(ApiError::validation(
+            "name",
+            "must be a slug: lowercase letters, digits, - and _ (at most 64)",
+        ))
+    }
+}
+
+async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+    auth.require_any(&[Scope::Read, Scope::Send])?;
+    let all = state.store.list_templates().await?;
+    let mut by_name: BTreeMap<&str, Vec<&TemplateVersion>> = BTreeMap::new();
+    for t in &all {
+        by_name.entry(t.name.as_str()).or_default().push(t);
+    }
+    let data: Vec<Value> = by_name
+        .into_iter()
+        .map(|(name, versions)| {
+            let mut locales: Vec<&str> = versions.iter().map(|v| v.locale.as_str()).collect();
+            locales.sort_unstable();
+            locales.dedup();
+            let latest = versions.iter().max_by_key(|v| (v.version, v.created_at));
+            json!({
+                "name": name,
+                "locales": locales,
+                "latest_version": latest.map(|v| v.version),
+                "builtin": versions.iter().any(|v| v.builtin),
+                "customized": versions.iter().any(|v| !v.builtin),
+                "description": latest.and_then(|v| v.description.clone()),
+                "updated_at": latest.map(|v| format_ms(v.created_at)),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"data": data, "next_cursor": null})))
+}
+
+async fn find(state: &AppState, name: &str, params: &Params) -> Result<TemplateVersion, ApiError> {
+    params.only(&["version", "locale"])?;
+    let versions = state.store.template_versions(name).await?;
+    if versions.is_empty() {
+        return Err(ApiError::NotFound(format!("No template {name}.")));
+    }
+    templates::choose(&versions, params.str("locale"), params.int("version")?)
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("Template {name} has no such version or locale."))
+        })
+}
+
+async fn get(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(name): Path<String>,
+    params: Params,
+) -> Result<Json<Value>, ApiError> {
+    auth.require_any(&[Scope::Read, Scope::Send])?;
+    Ok(Json(version_view(&find(&state, &name, &params).await?)))
+}
+
+async fn versions(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    auth.require_any(&[Scope::Read, Scope::Send])?;
+    let versions = state.store.template_versions(&name).await?;
+    if versions.is_empty() {
+        return Err(ApiError::NotFound(format!("No template {name}.")));
+    }
+    let data: Vec<Value> = versions.iter().map(version_view).collect();
+    Ok(Json(json!({"data": data, "next_cursor": null})))
+}
+
+fn string_list(
+    obj: &serde_json::Map<String, Value>,
+    field: &str,
+    errors: &mut Vec<FieldError>,
+) -> Vec<String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| match v.as_str() {
+                Some(s)
+                    if !s.is_empty()
+                        && s.len() <= 64
+                        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+                {
+                    Some(s.to_string())
+                }
+                _ => {
+                    errors.push(FieldError::new(
+                        format!("{field}[{i}]"),
+                        "must be a variable name",
+                    ));
+                    None
+                }
+            })
+            .collect(),
+        Some(_) => {
+            errors.push(FieldError::new(field, "must be an array of variable names"));
+            Vec::new()
+        }
+    }
+}
+
+fn opt_str(
+    obj: &serde_json::Map<String, Value>,
+    field: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => {
+            errors.push(FieldError::new(field, "must be a string"));
+            None
+        }
+    }
+}
+
+async fn put(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    auth.require(Scope::Admin)?;
+    check_name(&name)?;
+    let obj = object(
+        &body,
+        &[
+            "subject",
+            "html",
+            "text",
+            "locale",
+            "required",
+            "secret",
+            "description",
+            "priority",
+        ],
+    )?;
+    let mut errors = Vec::new();
+    let subject = opt_str(obj, "subject", &mut errors);
+    let html = opt_str(obj, "html", &mut errors);
+    let text = opt_str(obj, "text", &mut errors);
+    let locale = opt_str(obj, "locale", &mut errors).unwrap_or_else(|| "en".to_string());
+    let description = opt_str(obj, "description", &mut errors);
+    let priority = opt_str(obj, "priority", &mut errors);
+    let required = string_list(obj, "required", &mut errors);
+    let secret = string_list(obj, "secret", &mut errors);
+    match &subject {
+        None => errors.push(FieldError::new("subject", "is required")),
+        Some(s) if s.trim().is_empty() || s.contains(['\r', '\n']) => {
+            errors.push(FieldError::new("subject", "must be one non-empty line"))
+        }
+        _ => {}
+    }
+    if html.is_none() && text.is_none() {
+        errors.push(FieldError::new(
+            "html",
+            "html or text (or both) is required",
+        ));
+    }
+    if !is_locale(&locale) {
+        errors.push(FieldError::new(
+            "locale",
+            "must be a language tag such as en or zh-CN",
+        ));
+    }
+    let priority = match priority.as_deref() {
+        None => None,
+        Some(p) => match Priority::parse(p) {
+            Some(p) => Some(p),
+            None => {
+                errors.push(FieldError::new("priority", "must be high, normal or bulk"));
+                None
+            }
+        },
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    let subject = subject.unwrap_or_default();
+    if let Err(problems) = templates::compile(&subject, html.as_deref(), text.as_deref()) {
+        return Err(ApiError::Validation(
+            problems
+                .into_iter()
+                .map(|p| FieldError::new(p.field, p.message))
+                .collect(),
+        ));
+    }
+    let version = TemplateVersion {
+        name,
+        locale,
+        version: 0,
+        subject,
+        html,
+        text,
+        required,
+        secret,
+        description,
+        priority,
+        builtin: false,
+        created_at: now_ms(),
+    };
+    let stored = state.store.put_template(&version).await?;
+    Ok((StatusCode::CREATED, Json(version_view(&stored))).into_response())
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    auth.require(Scope::Admin)?;
+    let versions = state.store.template_versions(&name).await?;
+    if versions.is_empty() {
+        return Err(ApiError::NotFound(format!("No template {name}.")));
+    }
+    if versions.iter().all(|v| v.builtin) {
+        return Err(ApiError::Conflict {
+            slug: "builtin-template",
+            detail: format!("{name} is built in and has no customized versions to delete."),
+            retry_after: None,
+        });
+    }
+    state.store.delete_template(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn render(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>, ApiError> {
+    auth.require_any(&[Scope::Read, Scope::Send])?;
+    let obj = object(&body, &["data", "locale", "version"])?;
+    let data = match obj.get("data") {
+        None | Some(Value::Null) => json!({}),
+        Some(v @ Value::Object(_)) => v.clone(),
+        Some(_) => return Err(ApiError::validation("data", "must be an object")),
+    };
+    let locale = match obj.get("locale") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(l)) if is_locale(l) => Some(l.clone()),
+        Some(_) => {
+            return Err(ApiError::validation(
+                "locale",
+                "must be a language tag such as en or zh-CN",
+            ))
+        }
+    };
+    let version = match obj.get("version") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_i64()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| ApiError::validation("version", "must be a positive integer"))?,
+        ),
+    };
+    if state.store.template_versions(&name).await?.is_empty() {
+        return Err(ApiError::NotFound(format!("No template {name}.")));
+    }
+    let preview = state
+        .sender
+        .preview(&name, &data, locale.as_deref(), version)
+        .await?;
+    Ok(Json(json!({
+        "subject": preview.rendered.subject,
+        "html": preview.rendered.html,
+        "text": preview.rendered.text,
+        "locale": preview.version.locale,
+        "version": preview.version.version,
+        "mime_size_bytes": preview.mime_bytes,
+    })))
+}

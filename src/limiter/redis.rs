@@ -1,0 +1,187 @@
+//! Redis adapter of the `Limiter` port: each check is one Lua script, so
+//! limits are exact across any number of API processes.
+
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use async_trait::async_trait;
+
+use super::*;
+
+const GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local emission = tonumber(ARGV[1])
+local limit = emission * tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new_tat = tat + emission
+local diff = new_tat - now
+if diff > limit then
+  return {0, 0, math.ceil(diff - limit), math.ceil(tat - now)}
+end
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(diff) + 1000)
+return {1, math.floor((limit - diff) / emission), 0, math.ceil(diff)}
+"#;
+
+const QUOTA: &str = r#"
+local count = tonumber(ARGV[1])
+local dl = tonumber(ARGV[2])
+local ml = tonumber(ARGV[3])
+local rl = tonumber(ARGV[4])
+local d = tonumber(redis.call('GET', KEYS[1]) or '0')
+local m = tonumber(redis.call('GET', KEYS[2]) or '0')
+if dl >= 0 and d + count > dl then return {0, 'daily', d, m} end
+if ml >= 0 and m + count > ml then return {0, 'monthly', d, m} end
+if rl >= 0 then
+  for i = 3, #KEYS do
+    if tonumber(redis.call('GET', KEYS[i]) or '0') + 1 > rl then
+      return {0, 'per_recipient_hourly', d, m}
+    end
+  end
+end
+redis.call('INCRBY', KEYS[1], count)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('INCRBY', KEYS[2], count)
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+for i = 3, #KEYS do
+  redis.call('INCR', KEYS[i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[7])
+end
+return {1, 'ok', d + count, m + count}
+"#;
+
+pub struct RedisLimiter {
+    conn: ConnectionManager,
+    prefix: String,
+    gcra: ::redis::Script,
+    quota: ::redis::Script,
+}
+
+fn unavailable(e: ::redis::RedisError) -> LimiterError {
+    LimiterError::Unavailable(e.to_string())
+}
+
+impl RedisLimiter {
+    pub async fn connect(url: &str, prefix: &str) -> Result<RedisLimiter, LimiterError> {
+        let client = ::redis::Client::open(url).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(3))
+            .set_number_of_retries(2);
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(unavailable)?;
+        Ok(RedisLimiter {
+            conn,
+            prefix: prefix.to_string(),
+            gcra: ::redis::Script::new(GCRA),
+            quota: ::redis::Script::new(QUOTA),
+        })
+    }
+
+    fn keys(&self, key_id: &str, now: Millis) -> (Windows, String, String) {
+        let w = Windows::at(now);
+        let day = format!("{}:quota:{key_id}:d:{}", self.prefix, w.day);
+        let month = format!("{}:quota:{key_id}:m:{}", self.prefix, w.month);
+        (w, day, month)
+    }
+}
+
+#[async_trait]
+impl Limiter for RedisLimiter {
+    async fn rate(
+        &self,
+        key_id: &str,
+        per_second: f64,
+        burst: i64,
+    ) -> Result<RateDecision, LimiterError> {
+        let emission = 1000.0 / per_second.max(0.000_001);
+        let mut conn = self.conn.clone();
+        let (allowed, remaining, retry, reset): (i64, i64, i64, i64) = self
+            .gcra
+            .key(format!("{}:rate:{key_id}", self.prefix))
+            .arg(emission)
+            .arg(burst.max(1))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(RateDecision {
+            allowed: allowed == 1,
+            remaining,
+            retry_after_ms: retry,
+            reset_ms: reset,
+        })
+    }
+
+    async fn reserve(&self, req: &QuotaRequest) -> Result<QuotaDecision, LimiterError> {
+        let (w, day, month) = self.keys(&req.key_id, req.now);
+        let mut invocation = self.quota.key(&day);
+        invocation.key(&month);
+        let mut counters = vec![(day, req.count), (month, req.count)];
+        if req.per_recipient_hourly.is_some() {
+            for r in &req.recipients {
+                let k = format!(
+                    "{}:rcpt:{}:{}:{}",
+                    self.prefix,
+                    req.key_id,
+                    w.hour,
+                    recipient_tag(r)
+                );
+                invocation.key(&k);
+                counters.push((k, 1));
+            }
+        }
+        invocation
+            .arg(req.count)
+            .arg(req.daily.unwrap_or(-1))
+            .arg(req.monthly.unwrap_or(-1))
+            .arg(req.per_recipient_hourly.unwrap_or(-1))
+            .arg(w.ms_to_next_day + 3_600_000)
+            .arg(w.ms_to_next_month + 3_600_000)
+            .arg(w.ms_to_next_hour + 60_000);
+        let mut conn = self.conn.clone();
+        let (ok, policy, d, m): (i64, String, i64, i64) = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if ok == 1 {
+            return Ok(QuotaDecision::Allowed {
+                daily_used: d,
+                monthly_used: m,
+                reservation: Reservation { counters },
+            });
+        }
+        let policy = Policy::parse(&policy).unwrap_or(Policy::Daily);
+        Ok(QuotaDecision::Denied {
+            policy,
+            retry_after_ms: w.retry_after(policy),
+            daily_used: d,
+            monthly_used: m,
+        })
+    }
+
+    async fn release(&self, reservation: &Reservation) -> Result<(), LimiterError> {
+        let mut pipe = ::redis::pipe();
+        for (key, by) in &reservation.counters {
+            pipe.cmd("DECRBY").arg(key).arg(*by).ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn used(&self, key_id: &str, now: Millis) -> Result<(i64, i64), LimiterError> {
+        let (_, day, month) = self.keys(key_id, now);
+        let mut conn = self.conn.clone();
+        let (d, m): (Option<i64>, Option<i64>) = ::redis::pipe()
+            .cmd("GET")
+            .arg(day)
+            .cmd("GET")
+            .arg(month)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok((d.unwrap_or(0), m.unwrap_or(0)))
+    }
+}

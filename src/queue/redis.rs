@@ -1,0 +1,336 @@
+//! Redis adapter of the `Queue` port: one stream per lane read through a
+//! consumer group (`XREADGROUP`), acknowledged and deleted after the store
+//! recorded the outcome, entries of dead consumers taken over with
+//! `XAUTOCLAIM`, and a delayed ZSET moved into the streams by a Lua script.
+//! If Redis loses everything, the sweeper re-enqueues from the store and the
+//! groups are re-created on the next read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::streams::{StreamAutoClaimReply, StreamReadReply};
+use async_trait::async_trait;
+
+use super::{lane_order, Job, Queue, QueueDepth, QueueError};
+use crate::domain::{now_ms, Millis, Priority};
+
+const GROUP: &str = "workers";
+/// Entries idle this long in a dead consumer's pending list are taken over.
+const CLAIM_IDLE: Duration = Duration::from_secs(120);
+const AUTOCLAIM_EVERY: Duration = Duration::from_secs(15);
+
+const PROMOTE: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  redis.call('ZREM', KEYS[1], member)
+  local sep = string.find(member, '|', 1, true)
+  local lane = string.sub(member, 1, sep - 1)
+  local id = string.sub(member, sep + 1)
+  redis.call('XADD', ARGV[3] .. ':q:' .. lane, '*', 'id', id)
+end
+return #due
+"#;
+
+pub struct RedisQueue {
+    conn: ConnectionManager,
+    blocking: tokio::sync::Mutex<ConnectionManager>,
+    prefix: String,
+    consumer: String,
+    tick: AtomicU64,
+    last_autoclaim: Mutex<Instant>,
+    promote: ::redis::Script,
+}
+
+fn unavailable(e: ::redis::RedisError) -> QueueError {
+    QueueError::Unavailable(e.to_string())
+}
+
+impl RedisQueue {
+    pub async fn connect(url: &str, prefix: &str) -> Result<RedisQueue, QueueError> {
+        let client = ::redis::Client::open(url).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(5))
+            .set_number_of_retries(2);
+        let conn = client
+            .get_connection_manager_with_config(config.clone())
+            .await
+            .map_err(unavailable)?;
+        let blocking = client
+            .get_connection_manager_with_config(
+                config.set_response_timeout(Duration::from_secs(10)),
+            )
+            .await
+            .map_err(unavailable)?;
+        let queue = RedisQueue {
+            conn,
+            blocking: tokio::sync::Mutex::new(blocking),
+            prefix: prefix.to_string(),
+            consumer: format!("c-{}", uuid::Uuid::new_v4().simple()),
+            tick: AtomicU64::new(0),
+            last_autoclaim: Mutex::new(Instant::now()),
+            promote: ::redis::Script::new(PROMOTE),
+        };
+        queue.ensure_groups().await?;
+        Ok(queue)
+    }
+
+    fn stream(&self, lane: Priority) -> String {
+        format!("{}:q:{}", self.prefix, lane.as_str())
+    }
+
+    fn delayed(&self) -> String {
+        format!("{}:delayed", self.prefix)
+    }
+
+    async fn ensure_groups(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        for lane in Priority::ALL {
+            let created: Result<(), ::redis::RedisError> = ::redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(self.stream(lane))
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await;
+            match created {
+                Ok(()) => {}
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn jobs_from(&self, reply: StreamReadReply) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        for key in reply.keys {
+            let lane = Priority::ALL
+                .into_iter()
+                .find(|p| self.stream(*p) == key.key)
+                .unwrap_or(Priority::Normal);
+            for entry in key.ids {
+                let id: Option<String> = entry.get("id");
+                match id {
+                    Some(id) => jobs.push(Job {
+                        id,
+                        lane,
+                        token: entry.id,
+                    }),
+                    None => tracing::warn!(entry = %entry.id, "queue entry without id"),
+                }
+            }
+        }
+        jobs
+    }
+
+    async fn read(
+        &self,
+        conn: &mut ConnectionManager,
+        lanes: &[Priority],
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<Job>, QueueError> {
+        let mut cmd = ::redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS");
+        for lane in lanes {
+            cmd.arg(self.stream(*lane));
+        }
+        for _ in lanes {
+            cmd.arg(">");
+        }
+        let reply: Result<Option<StreamReadReply>, ::redis::RedisError> =
+            cmd.query_async(conn).await;
+        match reply {
+            Ok(Some(reply)) => Ok(self.jobs_from(reply)),
+            Ok(None) => Ok(Vec::new()),
+            Err(e) if e.code() == Some("NOGROUP") => {
+                // Redis lost our streams (restart, FLUSHALL): re-create them;
+                // the sweeper refills them from the store.
+                self.ensure_groups().await?;
+                Ok(Vec::new())
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn autoclaim(&self, max: usize) -> Result<Vec<Job>, QueueError> {
+        {
+            let mut last = self
+                .last_autoclaim
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.elapsed() < AUTOCLAIM_EVERY {
+                return Ok(Vec::new());
+            }
+            *last = Instant::now();
+        }
+        let mut conn = self.conn.clone();
+        let mut jobs = Vec::new();
+        for lane in Priority::ALL {
+            let reply: Result<StreamAutoClaimReply, ::redis::RedisError> =
+                ::redis::cmd("XAUTOCLAIM")
+                    .arg(self.stream(lane))
+                    .arg(GROUP)
+                    .arg(&self.consumer)
+                    .arg(CLAIM_IDLE.as_millis() as u64)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(max)
+                    .query_async(&mut conn)
+                    .await;
+            match reply {
+                Ok(reply) => {
+                    for entry in reply.claimed {
+                        if let Some(id) = entry.get::<String>("id") {
+                            jobs.push(Job {
+                                id,
+                                lane,
+                                token: entry.id,
+                            });
+                        }
+                    }
+                }
+                Err(e) if e.code() == Some("NOGROUP") => {}
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        if !jobs.is_empty() {
+            tracing::info!(
+                count = jobs.len(),
+                "took over queue entries of a dead consumer"
+            );
+        }
+        Ok(jobs)
+    }
+}
+
+#[async_trait]
+impl Queue for RedisQueue {
+    async fn enqueue(&self, items: &[(String, Priority)]) -> Result<(), QueueError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = ::redis::pipe();
+        for (id, lane) in items {
+            pipe.cmd("XADD")
+                .arg(self.stream(*lane))
+                .arg("*")
+                .arg("id")
+                .arg(id)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn schedule(&self, id: &str, lane: Priority, at: Millis) -> Result<(), QueueError> {
+        if at <= now_ms() {
+            return self.enqueue(&[(id.to_string(), lane)]).await;
+        }
+        let mut conn = self.conn.clone();
+        ::redis::cmd("ZADD")
+            .arg(self.delayed())
+            .arg(at)
+            .arg(format!("{}|{}", lane.as_str(), id))
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Job>, QueueError> {
+        let mut conn = self.conn.clone();
+        self.promote
+            .key(self.delayed())
+            .arg(now_ms())
+            .arg(1000)
+            .arg(&self.prefix)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut jobs = self.autoclaim(max).await?;
+        let order = lane_order(self.tick.fetch_add(1, Ordering::Relaxed));
+        for lane in order {
+            if jobs.len() >= max {
+                break;
+            }
+            let got = self
+                .read(&mut conn, &[lane], max - jobs.len(), None)
+                .await?;
+            jobs.extend(got);
+        }
+        if !jobs.is_empty() {
+            return Ok(jobs);
+        }
+        // Nothing ready: block on all lanes, but not past the next delayed
+        // entry (checked again on the next call).
+        let wait = wait.min(Duration::from_millis(500));
+        let mut blocking = self.blocking.lock().await;
+        self.read(&mut blocking, &Priority::ALL, max, Some(wait))
+            .await
+    }
+
+    async fn ack(&self, job: &Job) -> Result<(), QueueError> {
+        let stream = self.stream(job.lane);
+        let mut conn = self.conn.clone();
+        ::redis::pipe()
+            .cmd("XACK")
+            .arg(&stream)
+            .arg(GROUP)
+            .arg(&job.token)
+            .ignore()
+            .cmd("XDEL")
+            .arg(&stream)
+            .arg(&job.token)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn depth(&self) -> Result<QueueDepth, QueueError> {
+        let mut pipe = ::redis::pipe();
+        for lane in Priority::ALL {
+            pipe.cmd("XLEN").arg(self.stream(lane));
+        }
+        pipe.cmd("ZCARD").arg(self.delayed());
+        let mut conn = self.conn.clone();
+        let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(QueueDepth {
+            ready: Priority::ALL
+                .iter()
+                .zip(counts.iter())
+                .map(|(p, n)| (*p, *n))
+                .collect(),
+            delayed: counts.get(3).copied().unwrap_or(0),
+        })
+    }
+
+    async fn ping(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        ::redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    fn is_volatile(&self) -> bool {
+        false
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}

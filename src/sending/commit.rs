@@ -1,0 +1,100 @@
+//! Group commit: concurrent accepts are gathered into one store transaction
+//! (one fsync for many messages), and every caller still gets its 202 only
+//! after its own message is committed. The channel is bounded: when the
+//! store cannot keep up, new sends get a 503 with Retry-After instead of
+//! piling up in memory.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio_util::task::TaskTracker;
+
+use crate::domain::now_ms;
+use crate::store::{NewMessage, Store, StoreError};
+
+/// Most messages committed in one transaction.
+const MAX_GROUP: usize = 256;
+/// Requests waiting for a commit before new ones are turned away.
+const BACKLOG: usize = 4096;
+
+struct Job {
+    messages: Vec<NewMessage>,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("too many accepts waiting for the store")]
+    Busy,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Committer {
+    /// Starts `writers` commit loops; they end when every `Committer` clone
+    /// is dropped and the backlog is drained.
+    pub fn start(store: Arc<dyn Store>, writers: usize, tracker: &TaskTracker) -> Committer {
+        let (tx, rx) = mpsc::channel(BACKLOG);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..writers.max(1) {
+            tracker.spawn(writer(store.clone(), rx.clone()));
+        }
+        Committer { tx }
+    }
+
+    pub async fn commit(&self, messages: Vec<NewMessage>) -> Result<(), CommitError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .try_send(Job { messages, done })
+            .map_err(|_| CommitError::Busy)?;
+        wait.await
+            .map_err(|_| CommitError::Busy)?
+            .map_err(CommitError::Store)
+    }
+}
+
+async fn next_group(rx: &Mutex<mpsc::Receiver<Job>>) -> Option<Vec<Job>> {
+    let mut rx = rx.lock().await;
+    let first = rx.recv().await?;
+    let mut count = first.messages.len();
+    let mut group = vec![first];
+    while count < MAX_GROUP {
+        match rx.try_recv() {
+            Ok(job) => {
+                count += job.messages.len();
+                group.push(job);
+            }
+            Err(_) => break,
+        }
+    }
+    Some(group)
+}
+
+async fn writer(store: Arc<dyn Store>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    while let Some(group) = next_group(&rx).await {
+        let all: Vec<NewMessage> = group.iter().flat_map(|j| j.messages.clone()).collect();
+        match store.accept(&all, now_ms()).await {
+            Ok(()) => {
+                for job in group {
+                    let _ = job.done.send(Ok(()));
+                }
+            }
+            Err(e @ StoreError::Unavailable(_)) if group.len() == 1 => {
+                let _ = group.into_iter().next().map(|j| j.done.send(Err(e)));
+            }
+            Err(e) => {
+                // One bad request must not fail its neighbours: commit alone.
+                tracing::debug!(error = %e, size = group.len(), "group commit failed; committing one by one");
+                for job in group {
+                    let result = store.accept(&job.messages, now_ms()).await;
+                    let _ = job.done.send(result);
+                }
+            }
+        }
+    }
+}

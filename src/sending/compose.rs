@@ -1,0 +1,120 @@
+//! Building the MIME message handed to relays: headers with RFC 2047
+//! encoded display names, IDN domains in ASCII, multipart/alternative text +
+//! HTML, attachments, a stable Message-ID. Bcc never appears in the headers.
+
+use std::time::SystemTime;
+
+use lettre::message::header::{ContentType, HeaderName, HeaderValue};
+use lettre::message::{Attachment as MimeAttachment, MultiPart, SinglePart};
+use lettre::Message;
+
+use super::request::Attachment;
+use crate::domain::Mailbox;
+use crate::templates::Rendered;
+
+pub struct Envelope<'a> {
+    pub from: &'a Mailbox,
+    pub to: &'a [Mailbox],
+    pub cc: &'a [Mailbox],
+    pub reply_to: &'a [Mailbox],
+    pub headers: &'a [(String, String)],
+    pub attachments: &'a [Attachment],
+    pub message_id: &'a str,
+    pub date: SystemTime,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the message: {0}")]
+pub struct ComposeError(String);
+
+fn err(e: impl std::fmt::Display) -> ComposeError {
+    ComposeError(e.to_string())
+}
+
+fn body(rendered: &Rendered) -> Result<MultiPart, SinglePart> {
+    match (&rendered.text, &rendered.html) {
+        (Some(text), Some(html)) => Ok(MultiPart::alternative_plain_html(
+            text.clone(),
+            html.clone(),
+        )),
+        (Some(text), None) => Err(SinglePart::plain(text.clone())),
+        (None, Some(html)) => Err(SinglePart::html(html.clone())),
+        (None, None) => Err(SinglePart::plain(String::new())),
+    }
+}
+
+/// The message as bytes (ASCII: every part is transfer-encoded).
+pub fn compose(e: &Envelope<'_>, rendered: &Rendered) -> Result<String, ComposeError> {
+    let mut builder = Message::builder()
+        .from(e.from.to_lettre().map_err(err)?)
+        .subject(rendered.subject.clone())
+        .message_id(Some(e.message_id.to_string()))
+        .date(e.date);
+    for m in e.to {
+        builder = builder.to(m.to_lettre().map_err(err)?);
+    }
+    for m in e.cc {
+        builder = builder.cc(m.to_lettre().map_err(err)?);
+    }
+    for m in e.reply_to {
+        builder = builder.reply_to(m.to_lettre().map_err(err)?);
+    }
+    for (name, value) in e.headers {
+        let name = HeaderName::new_from_ascii(name.clone()).map_err(err)?;
+        builder = builder.raw_header(HeaderValue::new(name, value.clone()));
+    }
+    let message = if e.attachments.is_empty() {
+        match body(rendered) {
+            Ok(multi) => builder.multipart(multi),
+            Err(single) => builder.singlepart(single),
+        }
+    } else {
+        let mut mixed = match body(rendered) {
+            Ok(multi) => MultiPart::mixed().multipart(multi),
+            Err(single) => MultiPart::mixed().singlepart(single),
+        };
+        for a in e.attachments {
+            let content_type = ContentType::parse(&a.content_type).map_err(err)?;
+            mixed = mixed.singlepart(
+                MimeAttachment::new(a.filename.clone()).body(a.content.clone(), content_type),
+            );
+        }
+        builder.multipart(mixed)
+    }
+    .map_err(err)?;
+    String::from_utf8(message.formatted()).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unicode_headers_are_encoded_and_bcc_absent() {
+        let from = Mailbox::parse("Acme <no-reply@acme.test>").unwrap();
+        let to = vec![Mailbox::parse("李雷 <lilei@例子.中国>").unwrap()];
+        let e = Envelope {
+            from: &from,
+            to: &to,
+            cc: &[],
+            reply_to: &[],
+            headers: &[("X-Entity-Ref-ID".into(), "user-42".into())],
+            attachments: &[],
+            message_id: "<abc@acme.test>",
+            date: SystemTime::now(),
+        };
+        let rendered = Rendered {
+            subject: "验证码".into(),
+            html: Some("<p>你好</p>".into()),
+            text: Some("你好".into()),
+        };
+        let mime = compose(&e, &rendered).unwrap();
+        assert!(mime.is_ascii());
+        assert!(mime.contains("xn--fsqu00a.xn--fiqs8s"));
+        assert!(mime.contains("=?utf-8?"));
+        assert!(mime.contains("Message-ID: <abc@acme.test>"));
+        assert!(mime.contains("X-Entity-Ref-ID: user-42"));
+        assert!(mime.contains("multipart/alternative"));
+        assert!(!mime.to_lowercase().contains("\nbcc:"));
+    }
+}

@@ -1,0 +1,428 @@
+//! Messages and recipients: the accept transaction (with idempotency and
+//! collapse keys), reads, lists, cancel, usage counts.
+
+use async_trait::async_trait;
+use sqlx::{AnyConnection, Row};
+
+use super::events::{insert_message_event, MessageEvent};
+use super::{rows, to_json, SqlStore};
+use crate::domain::{Millis, Status};
+use crate::store::records::*;
+use crate::store::{MessageStore, StoreResult};
+
+const WAITING: &str = "('scheduled','queued','deferred')";
+
+impl SqlStore {
+    async fn insert_message(
+        &self,
+        conn: &mut AnyConnection,
+        m: &NewMessage,
+        now: Millis,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO messages (id, key_id, mode, status, priority, from_addr, mail_from, subject, \
+             template, template_version, locale, tags, metadata, message_id_header, mime, mime_redacted, \
+             size_bytes, send_at, expires_at, collapse_key, next_attempt_at, enqueued_at, created_at, updated_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$22,$22)",
+        )
+        .bind(&m.id)
+        .bind(&m.key_id)
+        .bind(m.mode.as_str())
+        .bind(m.status.as_str())
+        .bind(m.priority.as_str())
+        .bind(&m.from_addr)
+        .bind(&m.mail_from)
+        .bind(&m.subject)
+        .bind(&m.template)
+        .bind(m.template_version)
+        .bind(&m.locale)
+        .bind(to_json(&m.tags))
+        .bind(m.metadata.to_string())
+        .bind(&m.message_id_header)
+        .bind(&m.mime)
+        .bind(&m.mime_redacted)
+        .bind(m.mime.len() as i64)
+        .bind(m.send_at)
+        .bind(m.expires_at)
+        .bind(&m.collapse_key)
+        .bind(m.next_attempt_at)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        let mut sql = String::from(
+            "INSERT INTO recipients (message_id, idx, kind, address, email, status, attempts, \
+             next_attempt_at, updated_at) VALUES ",
+        );
+        for i in 0..m.recipients.len() {
+            let b = i * 5;
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!(
+                "($1,${},${},${},${},$2,0,$3,$4)",
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 8
+            ));
+        }
+        let mut query = sqlx::query(&sql)
+            .bind(&m.id)
+            .bind(m.status.as_str())
+            .bind(m.next_attempt_at)
+            .bind(now);
+        for (i, r) in m.recipients.iter().enumerate() {
+            query = query
+                .bind(i as i64)
+                .bind(r.kind)
+                .bind(&r.address)
+                .bind(&r.email);
+        }
+        query.execute(&mut *conn).await?;
+        Ok(())
+    }
+
+    /// Cancels older waiting messages with the same key, collapse key and
+    /// recipient. The upsert on `collapse_heads` serialises racing senders.
+    async fn collapse(
+        &self,
+        conn: &mut AnyConnection,
+        m: &NewMessage,
+        now: Millis,
+    ) -> StoreResult<()> {
+        let Some(collapse_key) = &m.collapse_key else {
+            return Ok(());
+        };
+        sqlx::query(
+            "INSERT INTO collapse_heads (key_id, collapse_key, message_id) VALUES ($1,$2,$3) \
+             ON CONFLICT (key_id, collapse_key) DO UPDATE SET message_id = excluded.message_id",
+        )
+        .bind(&m.key_id)
+        .bind(collapse_key)
+        .bind(&m.id)
+        .execute(&mut *conn)
+        .await?;
+        for r in &m.recipients {
+            let older = sqlx::query(&format!(
+                "SELECT DISTINCT r.message_id FROM recipients r JOIN messages o ON o.id = r.message_id \
+                 WHERE o.key_id = $1 AND o.collapse_key = $2 AND r.email = $3 AND r.message_id <> $4 \
+                 AND r.status IN {WAITING}"
+            ))
+            .bind(&m.key_id)
+            .bind(collapse_key)
+            .bind(&r.email)
+            .bind(&m.id)
+            .fetch_all(&mut *conn)
+            .await?;
+            for row in older {
+                let older_id: String = row.try_get("message_id")?;
+                let finish = Finish {
+                    status: Status::Canceled,
+                    reason: "superseded",
+                    superseded_by: Some(&m.id),
+                    only_email: Some(&r.email),
+                };
+                finalize_waiting(conn, &older_id, &finish, now).await?;
+                sqlx::query("UPDATE messages SET superseded_by = $2, canceled_reason = 'superseded' WHERE id = $1")
+                    .bind(&older_id)
+                    .bind(&m.id)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How to end waiting recipients without sending (cancel, collapse, expiry).
+pub struct Finish<'a> {
+    pub status: Status,
+    pub reason: &'a str,
+    pub superseded_by: Option<&'a str>,
+    pub only_email: Option<&'a str>,
+}
+
+/// Moves waiting recipients of one message to a final status, with events,
+/// then recomputes the message. Returns how many recipients changed.
+pub async fn finalize_waiting(
+    conn: &mut AnyConnection,
+    message_id: &str,
+    finish: &Finish<'_>,
+    now: Millis,
+) -> StoreResult<u64> {
+    let changed = sqlx::query(&format!(
+        "UPDATE recipients SET status = $2, canceled_reason = $3, next_attempt_at = NULL, updated_at = $4 \
+         WHERE message_id = $1 AND status IN {WAITING} AND ($5 IS NULL OR email = $5) \
+         RETURNING email, attempts"
+    ))
+    .bind(message_id)
+    .bind(finish.status.as_str())
+    .bind(finish.reason)
+    .bind(now)
+    .bind(finish.only_email)
+    .fetch_all(&mut *conn)
+    .await?;
+    if changed.is_empty() {
+        return Ok(0);
+    }
+    let msg = sqlx::query("SELECT key_id, tags, metadata FROM messages WHERE id = $1")
+        .bind(message_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let key_id: String = msg.try_get("key_id")?;
+    let tags = super::json_col(&msg, "tags")?;
+    let metadata = super::json_col(&msg, "metadata")?;
+    for row in &changed {
+        let email: String = row.try_get("email")?;
+        let attempts: i64 = row.try_get("attempts")?;
+        let event = MessageEvent {
+            message_id,
+            key_id: &key_id,
+            recipient: &email,
+            status: finish.status,
+            attempt: None,
+            attempt_number: attempts,
+            tags: &tags,
+            metadata: &metadata,
+            reason: Some(finish.reason),
+            superseded_by: finish.superseded_by,
+        };
+        insert_message_event(conn, event, now).await?;
+    }
+    recompute_message(conn, message_id, now, true).await?;
+    Ok(changed.len() as u64)
+}
+
+/// Re-derives a message's status and next due time from its recipients,
+/// releases its lease, and (when final and `redact`) drops the unredacted
+/// MIME so secret values do not outlive delivery.
+pub async fn recompute_message(
+    conn: &mut AnyConnection,
+    message_id: &str,
+    now: Millis,
+    redact: bool,
+) -> StoreResult<(Status, Option<Millis>)> {
+    let found = sqlx::query("SELECT status, next_attempt_at FROM recipients WHERE message_id = $1")
+        .bind(message_id)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut statuses = Vec::with_capacity(found.len());
+    let mut next: Option<Millis> = None;
+    for row in &found {
+        let status = rows::status(row, "status")?;
+        let due: Option<Millis> = row.try_get("next_attempt_at")?;
+        if !status.is_final() {
+            if let Some(due) = due {
+                next = Some(next.map_or(due, |n: Millis| n.min(due)));
+            }
+        }
+        statuses.push(status);
+    }
+    let status = Status::aggregate(statuses);
+    let final_redact = i64::from(status.is_final() && redact);
+    sqlx::query(
+        "UPDATE messages SET status = $2, next_attempt_at = $3, updated_at = $4, lease_until = NULL, \
+         lease_owner = NULL, mime = CASE WHEN $5 = 1 AND mime_redacted IS NOT NULL THEN NULL ELSE mime END \
+         WHERE id = $1",
+    )
+    .bind(message_id)
+    .bind(status.as_str())
+    .bind(next)
+    .bind(now)
+    .bind(final_redact)
+    .execute(&mut *conn)
+    .await?;
+    Ok((status, next))
+}
+
+#[async_trait]
+impl MessageStore for SqlStore {
+    async fn accept(&self, batch: &[NewMessage], now: Millis) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        for m in batch {
+            self.insert_message(&mut tx, m, now).await?;
+            self.collapse(&mut tx, m, now).await?;
+            if let Some(idem) = &m.idempotency {
+                finish_idempotency(&mut tx, idem).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn message(&self, id: &str) -> StoreResult<Option<MessageRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {} FROM messages WHERE id = $1",
+            rows::MESSAGE_COLUMNS
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(rows::message).transpose()
+    }
+
+    async fn recipients(&self, id: &str) -> StoreResult<Vec<RecipientRecord>> {
+        let found = sqlx::query(&format!(
+            "SELECT {} FROM recipients WHERE message_id = $1 ORDER BY idx",
+            rows::RECIPIENT_COLUMNS
+        ))
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        found.iter().map(rows::recipient).collect()
+    }
+
+    async fn attempts(&self, id: &str) -> StoreResult<Vec<AttemptRecord>> {
+        let found = sqlx::query(
+            "SELECT recipient, at, relay, outcome, smtp_code, enhanced_code, response, duration_ms \
+             FROM attempts WHERE message_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        found
+            .iter()
+            .map(|r| {
+                Ok(AttemptRecord {
+                    recipient: r.try_get("recipient")?,
+                    at: r.try_get("at")?,
+                    relay: r.try_get("relay")?,
+                    outcome: r.try_get("outcome")?,
+                    smtp_code: r.try_get("smtp_code")?,
+                    enhanced_code: r.try_get("enhanced_code")?,
+                    response: r.try_get("response")?,
+                    duration_ms: r.try_get("duration_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn message_events(&self, id: &str) -> StoreResult<Vec<EventRecord>> {
+        let found = sqlx::query(
+            "SELECT seq, id, type, message_id, recipient, payload, created_at FROM events \
+             WHERE message_id = $1 ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        found.iter().map(rows::event).collect()
+    }
+
+    async fn raw_mime(&self, id: &str) -> StoreResult<Option<RawMime>> {
+        let row = sqlx::query("SELECT mime, mime_redacted FROM messages WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mime: Option<String> = row.try_get("mime")?;
+        let redacted: Option<String> = row.try_get("mime_redacted")?;
+        Ok(match (mime, redacted) {
+            (Some(mime), _) => Some(RawMime {
+                mime,
+                redacted: false,
+            }),
+            (None, Some(mime)) => Some(RawMime {
+                mime,
+                redacted: true,
+            }),
+            (None, None) => None,
+        })
+    }
+
+    async fn list_messages(&self, f: &MessageFilter) -> StoreResult<Vec<MessageRecord>> {
+        let tag_pattern = f.tag.as_ref().map(|t| {
+            let escaped = t
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            format!("%\"{escaped}\"%")
+        });
+        let found = sqlx::query(&format!(
+            "SELECT {} FROM messages WHERE ($1 IS NULL OR key_id = $1) AND ($2 IS NULL OR status = $2) \
+             AND ($3 IS NULL OR tags LIKE $3 ESCAPE '\\') \
+             AND ($4 IS NULL OR EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = messages.id AND LOWER(r.email) = $4)) \
+             AND ($5 IS NULL OR created_at >= $5) AND ($6 IS NULL OR created_at < $6) \
+             AND ($7 IS NULL OR id < $7) ORDER BY id DESC LIMIT $8",
+            rows::MESSAGE_COLUMNS
+        ))
+        .bind(f.key_id.as_deref())
+        .bind(f.status.map(|s| s.as_str()))
+        .bind(tag_pattern)
+        .bind(f.to.as_ref().map(|t| t.to_lowercase()))
+        .bind(f.since)
+        .bind(f.until)
+        .bind(f.before_id.as_deref())
+        .bind(f.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        found.iter().map(rows::message).collect()
+    }
+
+    async fn cancel(&self, id: &str, reason: &str, now: Millis) -> StoreResult<CancelResult> {
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = sqlx::query("SELECT status FROM messages WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(CancelResult::NotFound);
+        };
+        let current = rows::status(&row, "status")?;
+        let finish = Finish {
+            status: Status::Canceled,
+            reason,
+            superseded_by: None,
+            only_email: None,
+        };
+        let changed = finalize_waiting(&mut tx, id, &finish, now).await?;
+        if changed == 0 {
+            return Ok(CancelResult::NotCancelable(current));
+        }
+        sqlx::query("UPDATE messages SET canceled_reason = $2 WHERE id = $1")
+            .bind(id)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+        let status = rows::status(
+            &sqlx::query("SELECT status FROM messages WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?,
+            "status",
+        )?;
+        tx.commit().await?;
+        Ok(CancelResult::Canceled {
+            recipients: changed,
+            status,
+        })
+    }
+
+    async fn usage(&self, key_id: &str, since: Millis) -> StoreResult<Vec<(String, i64)>> {
+        let found = sqlx::query(
+            "SELECT r.status AS status, COUNT(*) AS n FROM recipients r JOIN messages m ON m.id = r.message_id \
+             WHERE m.key_id = $1 AND m.created_at >= $2 GROUP BY r.status",
+        )
+        .bind(key_id)
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        found
+            .iter()
+            .map(|r| Ok((r.try_get("status")?, r.try_get("n")?)))
+            .collect()
+    }
+}
+
+async fn finish_idempotency(conn: &mut AnyConnection, idem: &IdemFinish) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE idempotency SET state = 'done', response_status = $3, response_body = $4 \
+         WHERE key_id = $1 AND idem_key = $2",
+    )
+    .bind(&idem.key_id)
+    .bind(&idem.idem_key)
+    .bind(i64::from(idem.status))
+    .bind(&idem.body)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! Suppressions and idempotency records.
+
+use async_trait::async_trait;
+use sqlx::Row;
+
+use super::SqlStore;
+use crate::domain::Millis;
+use crate::store::records::*;
+use crate::store::{IdempotencyStore, StoreResult, SuppressionStore};
+
+/// An in-flight record older than this belongs to a request that died.
+const ABANDONED_MS: i64 = 60_000;
+
+#[async_trait]
+impl SuppressionStore for SqlStore {
+    async fn list_suppressions(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<Suppression>> {
+        let found = sqlx::query(
+            "SELECT email, reason, source, message_id, created_at FROM suppressions \
+             WHERE ($1 IS NULL OR email > $1) ORDER BY email LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        found
+            .iter()
+            .map(|r| {
+                Ok(Suppression {
+                    email: r.try_get("email")?,
+                    reason: r.try_get("reason")?,
+                    source: r.try_get("source")?,
+                    message_id: r.try_get("message_id")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_suppression(&self, s: &Suppression) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO suppressions (email, reason, source, message_id, created_at) VALUES ($1,$2,$3,$4,$5) \
+             ON CONFLICT (email) DO UPDATE SET reason = excluded.reason, source = excluded.source",
+        )
+        .bind(s.email.to_lowercase())
+        .bind(&s.reason)
+        .bind(&s.source)
+        .bind(&s.message_id)
+        .bind(s.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_suppression(&self, email: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM suppressions WHERE email = $1")
+            .bind(email.to_lowercase())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for SqlStore {
+    async fn idem_begin(
+        &self,
+        req: &IdemRequest,
+        now: Millis,
+        ttl_ms: i64,
+    ) -> StoreResult<IdemBegin> {
+        for _ in 0..3 {
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency (key_id, idem_key, request_hash, state, created_at, expires_at) \
+                 VALUES ($1,$2,$3,'in_flight',$4,$5) ON CONFLICT (key_id, idem_key) DO NOTHING",
+            )
+            .bind(&req.key_id)
+            .bind(&req.idem_key)
+            .bind(&req.request_hash)
+            .bind(now)
+            .bind(now + ttl_ms)
+            .execute(&self.pool)
+            .await?;
+            if inserted.rows_affected() == 1 {
+                return Ok(IdemBegin::Reserved);
+            }
+            let Some(row) = sqlx::query(
+                "SELECT request_hash, state, response_status, response_body, created_at, expires_at \
+                 FROM idempotency WHERE key_id = $1 AND idem_key = $2",
+            )
+            .bind(&req.key_id)
+            .bind(&req.idem_key)
+            .fetch_optional(&self.pool)
+            .await?
+            else {
+                continue;
+            };
+            let hash: String = row.try_get("request_hash")?;
+            let state: String = row.try_get("state")?;
+            let created_at: i64 = row.try_get("created_at")?;
+            let expires_at: i64 = row.try_get("expires_at")?;
+            let stale =
+                expires_at <= now || (state == "in_flight" && created_at < now - ABANDONED_MS);
+            if stale {
+                let taken = sqlx::query(
+                    "UPDATE idempotency SET request_hash = $3, state = 'in_flight', created_at = $4, \
+                     expires_at = $5, response_status = NULL, response_body = NULL \
+                     WHERE key_id = $1 AND idem_key = $2 AND created_at = $6",
+                )
+                .bind(&req.key_id)
+                .bind(&req.idem_key)
+                .bind(&req.request_hash)
+                .bind(now)
+                .bind(now + ttl_ms)
+                .bind(created_at)
+                .execute(&self.pool)
+                .await?;
+                if taken.rows_affected() == 1 {
+                    return Ok(IdemBegin::Reserved);
+                }
+                continue;
+            }
+            if hash != req.request_hash {
+                return Ok(IdemBegin::Mismatch);
+            }
+            if state == "in_flight" {
+                return Ok(IdemBegin::InFlight);
+            }
+            let status: Option<i64> = row.try_get("response_status")?;
+            let body: Option<String> = row.try_get("response_body")?;
+            return Ok(IdemBegin::Replay {
+                status: status.unwrap_or(202) as u16,
+                body: body.unwrap_or_default(),
+            });
+        }
+        Ok(IdemBegin::InFlight)
+    }
+
+    async fn idem_release(&self, key_id: &str, idem_key: &str) -> StoreResult<()> {
+        sqlx::query(
+            "DELETE FROM idempotency WHERE key_id = $1 AND idem_key = $2 AND state = 'in_flight'",
+        )
+        .bind(key_id)
+        .bind(idem_key)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,180 @@
+//! The SQL adapter of the `Store` port over `sqlx::Any`: Postgres in
+//! production, SQLite (WAL, one writer connection, so never "database is
+//! locked") for the embedded default. Queries are written once in the common
+//! dialect (`$n` parameters, `RETURNING`, `ON CONFLICT`, epoch-ms integers);
+//! only the migration files differ per backend.
+
+mod delivery;
+mod events;
+mod keys;
+mod messages;
+mod misc;
+mod rows;
+mod templates;
+mod webhooks;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
+
+use super::{Store, StoreError, StoreResult};
+
+const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    include_str!("../../../migrations/postgres/0001_init.sql"),
+)];
+const SQLITE_MIGRATIONS: &[(i64, &str)] =
+    &[(1, include_str!("../../../migrations/sqlite/0001_init.sql"))];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+#[derive(Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl SqlStore {
+    /// Connects (creating the SQLite file if needed). `pool_size` applies to
+    /// Postgres; SQLite always uses one connection.
+    pub async fn connect(url: &str, pool_size: u32) -> StoreResult<SqlStore> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            Backend::Postgres
+        };
+        let options = AnyPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(3))
+            .idle_timeout(Duration::from_secs(300));
+        let options = match backend {
+            Backend::Postgres => options.max_connections(pool_size).min_connections(0),
+            Backend::Sqlite => options
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        conn.execute(
+                            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
+                             PRAGMA busy_timeout=10000;",
+                        )
+                        .await?;
+                        Ok(())
+                    })
+                }),
+        };
+        let pool = options.connect(url).await?;
+        Ok(SqlStore { pool, backend })
+    }
+
+    /// `sqlite://` URL for a file in the data directory (created if missing).
+    pub fn sqlite_url(dir: &std::path::Path) -> String {
+        format!("sqlite://{}?mode=rwc", dir.join("mailroom.db").display())
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    async fn migrate_inner(&self) -> StoreResult<()> {
+        let migrations = match self.backend {
+            Backend::Postgres => POSTGRES_MIGRATIONS,
+            Backend::Sqlite => SQLITE_MIGRATIONS,
+        };
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS mailroom_migrations \
+             (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await?;
+        for (version, sql) in migrations {
+            let applied: i64 =
+                sqlx::query("SELECT COUNT(*) AS n FROM mailroom_migrations WHERE version = $1")
+                    .bind(*version)
+                    .fetch_one(&self.pool)
+                    .await?
+                    .try_get("n")?;
+            if applied > 0 {
+                continue;
+            }
+            let mut tx = self.pool.begin().await?;
+            for statement in statements(sql) {
+                sqlx::query(&statement).execute(&mut *tx).await?;
+            }
+            sqlx::query("INSERT INTO mailroom_migrations (version, applied_at) VALUES ($1, $2)")
+                .bind(*version)
+                .bind(crate::domain::now_ms())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            tracing::info!(version, "applied migration");
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        // Two processes starting at once may race on the first migration;
+        // the loser sees the winner's work on the second pass.
+        match self.migrate_inner().await {
+            Ok(()) => Ok(()),
+            Err(first) => {
+                tracing::warn!(error = %first, "migration raced or failed; checking again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                self.migrate_inner().await
+            }
+        }
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        match self.backend {
+            Backend::Postgres => "postgres",
+            Backend::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// Splits a migration file into statements (our migrations keep `;` out of
+/// string literals and comments).
+fn statements(sql: &str) -> Vec<String> {
+    let without_comments: String = sql
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    without_comments
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Reads a JSON text column.
+fn json_col(row: &AnyRow, col: &str) -> StoreResult<serde_json::Value> {
+    let text: String = row.try_get(col)?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
+}
+
+fn string_list(row: &AnyRow, col: &str) -> StoreResult<Vec<String>> {
+    let value = json_col(row, col)?;
+    serde_json::from_value(value).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_string())
+}

@@ -1,0 +1,302 @@
+//! Webhook endpoints, their deliveries (one per event and endpoint) and the
+//! log of every delivery attempt. Deliveries are claimed with a lease, like
+//! messages, so any number of dispatchers can share the work.
+
+use async_trait::async_trait;
+use serde_json::json;
+use sqlx::Row;
+
+use super::events::{insert_event, NewEvent};
+use super::{rows, SqlStore};
+use crate::domain::Millis;
+use crate::store::records::*;
+use crate::store::{StoreResult, WebhookStore};
+
+fn delivery(r: &sqlx::any::AnyRow) -> StoreResult<WebhookDelivery> {
+    Ok(WebhookDelivery {
+        id: r.try_get("id")?,
+        webhook_id: r.try_get("webhook_id")?,
+        event_id: r.try_get("event_id")?,
+        event_type: r.try_get("type")?,
+        status: r.try_get("status")?,
+        attempts: r.try_get("attempts")?,
+        next_attempt_at: r.try_get("next_attempt_at")?,
+        last_status_code: r.try_get("last_status_code")?,
+        last_error: r.try_get("last_error")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+#[async_trait]
+impl WebhookStore for SqlStore {
+    async fn create_webhook(&self, w: &Webhook) -> StoreResult<()> {
+        sqlx::query(&format!(
+            "INSERT INTO webhooks ({}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
+            rows::WEBHOOK_COLUMNS
+        ))
+        .bind(&w.id)
+        .bind(&w.url)
+        .bind(rows::events_column(&w.events))
+        .bind(&w.description)
+        .bind(&w.secret)
+        .bind(&w.previous_secret)
+        .bind(w.previous_secret_until)
+        .bind(w.disabled_at)
+        .bind(&w.disabled_reason)
+        .bind(w.failing_since)
+        .bind(w.created_at)
+        .bind(w.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn webhook(&self, id: &str) -> StoreResult<Option<Webhook>> {
+        let row = sqlx::query(&format!(
+            "SELECT {} FROM webhooks WHERE id = $1",
+            rows::WEBHOOK_COLUMNS
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(rows::webhook).transpose()
+    }
+
+    async fn list_webhooks(&self) -> StoreResult<Vec<Webhook>> {
+        let found = sqlx::query(&format!(
+            "SELECT {} FROM webhooks ORDER BY created_at, id",
+            rows::WEBHOOK_COLUMNS
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        found.iter().map(rows::webhook).collect()
+    }
+
+    async fn update_webhook(&self, w: &Webhook) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE webhooks SET url=$2, events=$3, description=$4, secret=$5, previous_secret=$6, \
+             previous_secret_until=$7, disabled_at=$8, disabled_reason=$9, failing_since=$10, updated_at=$11 \
+             WHERE id=$1",
+        )
+        .bind(&w.id)
+        .bind(&w.url)
+        .bind(rows::events_column(&w.events))
+        .bind(&w.description)
+        .bind(&w.secret)
+        .bind(&w.previous_secret)
+        .bind(w.previous_secret_until)
+        .bind(w.disabled_at)
+        .bind(&w.disabled_reason)
+        .bind(w.failing_since)
+        .bind(w.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_webhook(&self, id: &str) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("DELETE FROM webhooks WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE webhook_deliveries SET status = 'canceled' WHERE webhook_id = $1 AND status = 'pending'")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn deliveries(
+        &self,
+        webhook_id: &str,
+        after: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<WebhookDelivery>> {
+        let found = sqlx::query(
+            "SELECT d.id, d.webhook_id, d.event_id, e.type, d.status, d.attempts, d.next_attempt_at, \
+             d.last_status_code, d.last_error, d.created_at, d.updated_at \
+             FROM webhook_deliveries d JOIN events e ON e.id = d.event_id \
+             WHERE d.webhook_id = $1 AND ($2 IS NULL OR d.id < $2) ORDER BY d.id DESC LIMIT $3",
+        )
+        .bind(webhook_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        found.iter().map(delivery).collect()
+    }
+
+    async fn delivery_attempts(&self, delivery_id: &str) -> StoreResult<Vec<WebhookAttempt>> {
+        let found = sqlx::query(
+            "SELECT at, status_code, latency_ms, error FROM webhook_attempts WHERE delivery_id = $1 ORDER BY id",
+        )
+        .bind(delivery_id)
+        .fetch_all(&self.pool)
+        .await?;
+        found
+            .iter()
+            .map(|r| {
+                Ok(WebhookAttempt {
+                    at: r.try_get("at")?,
+                    status_code: r.try_get("status_code")?,
+                    latency_ms: r.try_get("latency_ms")?,
+                    error: r.try_get("error")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn retry_delivery(
+        &self,
+        webhook_id: &str,
+        delivery_id: &str,
+        now: Millis,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = $3, lease_until = NULL, \
+             updated_at = $3 WHERE id = $1 AND webhook_id = $2",
+        )
+        .bind(delivery_id)
+        .bind(webhook_id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn test_event(&self, webhook_id: &str, now: Millis) -> StoreResult<String> {
+        let mut tx = self.pool.begin().await?;
+        let event = NewEvent {
+            event_type: "webhook.test",
+            message_id: None,
+            key_id: None,
+            recipient: None,
+            message_seq: 0,
+            data: json!({"webhook_id": webhook_id, "message": "This is a test event from Mailroom."}),
+            only_webhook: Some(webhook_id),
+        };
+        let id = insert_event(&mut tx, event, now).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    async fn claim_webhook_jobs(
+        &self,
+        now: Millis,
+        lease_until: Millis,
+        limit: i64,
+    ) -> StoreResult<Vec<WebhookJob>> {
+        let candidates = sqlx::query(
+            "SELECT d.id FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
+             WHERE d.status = 'pending' AND d.next_attempt_at <= $1 AND w.disabled_at IS NULL \
+             AND (d.lease_until IS NULL OR d.lease_until < $1) ORDER BY d.next_attempt_at LIMIT $2",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut jobs = Vec::with_capacity(candidates.len());
+        for c in candidates {
+            let id: String = c.try_get("id")?;
+            let taken = sqlx::query(
+                "UPDATE webhook_deliveries SET lease_until = $2 WHERE id = $1 AND status = 'pending' \
+                 AND (lease_until IS NULL OR lease_until < $3)",
+            )
+            .bind(&id)
+            .bind(lease_until)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+            if taken.rows_affected() == 0 {
+                continue;
+            }
+            let row = sqlx::query(&format!(
+                "SELECT d.id AS delivery_id, d.event_id, d.attempts, e.payload, {} \
+                 FROM webhook_deliveries d JOIN events e ON e.id = d.event_id \
+                 JOIN webhooks w ON w.id = d.webhook_id WHERE d.id = $1",
+                rows::WEBHOOK_COLUMNS
+                    .split(", ")
+                    .map(|c| format!("w.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .bind(&id)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(row) = row {
+                jobs.push(WebhookJob {
+                    delivery_id: row.try_get("delivery_id")?,
+                    event_id: row.try_get("event_id")?,
+                    payload: row.try_get("payload")?,
+                    attempts: row.try_get("attempts")?,
+                    webhook: rows::webhook(&row)?,
+                });
+            }
+        }
+        Ok(jobs)
+    }
+
+    async fn record_webhook_attempt(&self, r: &WebhookResult) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO webhook_attempts (delivery_id, webhook_id, at, status_code, latency_ms, error) \
+             VALUES ($1,$2,$3,$4,$5,$6)",
+        )
+        .bind(&r.delivery_id)
+        .bind(&r.webhook_id)
+        .bind(r.now)
+        .bind(r.status_code.map(i64::from))
+        .bind(r.latency_ms)
+        .bind(&r.error)
+        .execute(&mut *tx)
+        .await?;
+        let status = match (r.success, r.next_attempt_at) {
+            (true, _) => "succeeded",
+            (false, Some(_)) => "pending",
+            (false, None) => "failed",
+        };
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = $2, attempts = attempts + 1, next_attempt_at = $3, \
+             lease_until = NULL, last_status_code = $4, last_error = $5, updated_at = $6 WHERE id = $1",
+        )
+        .bind(&r.delivery_id)
+        .bind(status)
+        .bind(r.next_attempt_at)
+        .bind(r.status_code.map(i64::from))
+        .bind(&r.error)
+        .bind(r.now)
+        .execute(&mut *tx)
+        .await?;
+        let failing_sql = if r.success {
+            "UPDATE webhooks SET failing_since = NULL WHERE id = $1 AND $2 > 0"
+        } else {
+            "UPDATE webhooks SET failing_since = COALESCE(failing_since, $2) WHERE id = $1"
+        };
+        sqlx::query(failing_sql)
+            .bind(&r.webhook_id)
+            .bind(r.now)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(reason) = &r.disable_reason {
+            sqlx::query("UPDATE webhooks SET disabled_at = $2, disabled_reason = $3, updated_at = $2 WHERE id = $1")
+                .bind(&r.webhook_id)
+                .bind(r.now)
+                .bind(reason)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn webhook_backlog(&self) -> StoreResult<i64> {
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n FROM webhook_deliveries WHERE status = 'pending'")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(row.try_get("n")?)
+    }
+}

@@ -1,0 +1,261 @@
+//! The webhook dispatcher: claims due deliveries from the store (with a
+//! lease, so several processes can share the work and a crash loses
+//! nothing), signs and POSTs each event, and records every attempt. 2xx is
+//! success; redirects are not followed (a failure); 410 disables the
+//! endpoint; 429/503 honour Retry-After; anything else retries on the
+//! schedule until it is exhausted. The `webhook-id` is the event id, the same
+//! on every retry.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::signing::signature_header;
+use super::ssrf::{check_static, SafeResolver};
+use crate::delivery::RetrySchedule;
+use crate::domain::now_ms;
+use crate::metrics::Metrics;
+use crate::store::{Store, WebhookJob, WebhookResult};
+
+const POLL: Duration = Duration::from_millis(200);
+const LEASE: Duration = Duration::from_secs(60);
+const BATCH: i64 = 64;
+const MAX_BODY: usize = 4096;
+const MAX_RETRY_AFTER: i64 = 24 * 3_600_000;
+
+pub struct Dispatcher {
+    store: Arc<dyn Store>,
+    client: reqwest::Client,
+    schedule: RetrySchedule,
+    allow_private: bool,
+    disable_after: Duration,
+    metrics: Arc<Metrics>,
+}
+
+struct Response {
+    status: Option<u16>,
+    retry_after_ms: Option<i64>,
+    error: Option<String>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: Arc<dyn Store>,
+        schedule: RetrySchedule,
+        timeout: Duration,
+        allow_private: bool,
+        disable_after: Duration,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Dispatcher> {
+        let client = reqwest::Client::builder()
+            .dns_resolver(Arc::new(SafeResolver { allow_private }))
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .pool_max_idle_per_host(8)
+            .build()?;
+        Ok(Dispatcher {
+            store,
+            client,
+            schedule,
+            allow_private,
+            disable_after,
+            metrics,
+        })
+    }
+
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let tasks = TaskTracker::new();
+        loop {
+            let now = now_ms();
+            let jobs = match self
+                .store
+                .claim_webhook_jobs(now, now + LEASE.as_millis() as i64, BATCH)
+                .await
+            {
+                Ok(jobs) => jobs,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not claim webhook deliveries");
+                    Vec::new()
+                }
+            };
+            let idle = jobs.is_empty();
+            for job in jobs {
+                let me = self.clone();
+                tasks.spawn(async move { me.deliver(job).await });
+            }
+            if idle {
+                tokio::select! {
+                    _ = tokio::time::sleep(POLL) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            } else if shutdown.is_cancelled() {
+                break;
+            }
+        }
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    async fn deliver(&self, job: WebhookJob) {
+        let started = Instant::now();
+        let response = self.post(&job).await;
+        let latency_ms = started.elapsed().as_millis() as i64;
+        let now = now_ms();
+        let success = response.status.is_some_and(|s| (200..300).contains(&s));
+        let attempt = job.attempts + 1;
+        let mut disable_reason = None;
+        let next_attempt_at = if success {
+            None
+        } else if response.status == Some(410) {
+            disable_reason = Some("endpoint answered 410 Gone".to_string());
+            None
+        } else if (attempt as usize) <= self.schedule.len() {
+            let scheduled = self.schedule.delay(attempt as usize).as_millis() as i64;
+            let wanted = response
+                .retry_after_ms
+                .map_or(scheduled, |r| r.clamp(0, MAX_RETRY_AFTER));
+            Some(now + wanted)
+        } else {
+            None
+        };
+        if !success
+            && job
+                .webhook
+                .failing_since
+                .is_some_and(|since| now - since > self.disable_after.as_millis() as i64)
+        {
+            disable_reason = Some(format!(
+                "failing continuously for more than {}",
+                humantime::format_duration(self.disable_after)
+            ));
+        }
+        self.metrics.webhook(match (success, next_attempt_at) {
+            (true, _) => "succeeded",
+            (false, Some(_)) => "retrying",
+            (false, None) => "exhausted",
+        });
+        tracing::info!(
+            webhook_id = %job.webhook.id,
+            event_id = %job.event_id,
+            status = response.status,
+            attempt,
+            success,
+            "webhook attempt"
+        );
+        let result = WebhookResult {
+            delivery_id: job.delivery_id.clone(),
+            webhook_id: job.webhook.id.clone(),
+            now,
+            status_code: response.status,
+            latency_ms,
+            error: response.error,
+            success,
+            next_attempt_at,
+            disable_reason,
+        };
+        if let Err(e) = self.store.record_webhook_attempt(&result).await {
+            tracing::error!(error = %e, "could not record webhook attempt; it will be retried after the lease");
+        }
+    }
+
+    async fn post(&self, job: &WebhookJob) -> Response {
+        let failed = |error: String| Response {
+            status: None,
+            retry_after_ms: None,
+            error: Some(error),
+        };
+        if let Err(e) = check_static(&job.webhook.url, self.allow_private) {
+            return failed(format!("URL refused: {e}"));
+        }
+        let timestamp = now_ms() / 1000;
+        let mut secrets = vec![job.webhook.secret.as_str()];
+        if let (Some(old), Some(until)) = (
+            &job.webhook.previous_secret,
+            job.webhook.previous_secret_until,
+        ) {
+            if until > now_ms() {
+                secrets.push(old.as_str());
+            }
+        }
+        let signature = match signature_header(&secrets, &job.event_id, timestamp, &job.payload) {
+            Ok(s) => s,
+            Err(e) => return failed(e.to_string()),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(USER_AGENT, HeaderValue::from_static("Mailroom-Webhooks/1"));
+        for (name, value) in [
+            ("webhook-id", job.event_id.clone()),
+            ("webhook-timestamp", timestamp.to_string()),
+            ("webhook-signature", signature),
+        ] {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(name, v);
+            }
+        }
+        let sent = self
+            .client
+            .post(&job.webhook.url)
+            .headers(headers)
+            .body(job.payload.clone())
+            .send()
+            .await;
+        let mut response = match sent {
+            Ok(r) => r,
+            Err(e) => return failed(error_chain(&e)),
+        };
+        let status = response.status().as_u16();
+        let retry_after_ms = if status == 429 || status == 503 {
+            response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .map(|s| s * 1000)
+        } else {
+            None
+        };
+        // Read (and discard) at most MAX_BODY bytes of the answer.
+        let mut read = 0usize;
+        let mut excerpt = Vec::new();
+        while read < MAX_BODY {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    read += chunk.len();
+                    excerpt.extend_from_slice(
+                        &chunk[..chunk.len().min(MAX_BODY - excerpt.len().min(MAX_BODY))],
+                    );
+                }
+                _ => break,
+            }
+        }
+        let error = if (200..300).contains(&status) {
+            None
+        } else if (300..400).contains(&status) {
+            Some(format!("HTTP {status}: redirects are not followed"))
+        } else {
+            let text = String::from_utf8_lossy(&excerpt[..excerpt.len().min(256)]).into_owned();
+            Some(format!("HTTP {status}: {text}"))
+        };
+        Response {
+            status: Some(status),
+            retry_after_ms,
+            error,
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
