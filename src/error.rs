@@ -61,7 +61,7 @@ pub enum ApiError {
         policy: &'static str,
         detail: String,
         retry_after: u64,
-        headers: HeaderMap,
+        headers: Box<HeaderMap>,
     },
     #[error("{0} unavailable")]
     Unavailable(&'static str),
@@ -188,7 +188,7 @@ impl IntoResponse for ApiError {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
         }
         if let ApiError::RateLimited { headers: extra, .. } = self {
-            headers.extend(extra);
+            headers.extend(*extra);
         }
         response
     }

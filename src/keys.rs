@@ -141,6 +141,31 @@ fn base62(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// A new key record and its plaintext (shown once).
+pub fn new_key(
+    name: String,
+    scopes: Vec<Scope>,
+    mode: KeyMode,
+    limits: KeyLimits,
+    allowed_from_domains: Vec<String>,
+    now: i64,
+) -> (ApiKey, String) {
+    let secret = generate();
+    let key = ApiKey {
+        id: format!("key_{}", uuid::Uuid::now_v7().simple()),
+        prefix: secret.prefix,
+        secret_hash: secret.secret_hash,
+        name,
+        scopes,
+        mode,
+        limits,
+        allowed_from_domains,
+        created_at: now,
+        revoked_at: None,
+    };
+    (key, secret.plaintext)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,29 +192,4 @@ mod tests {
         assert!(key.has(Scope::Send) && !key.has(Scope::Read));
         assert!(split("mr__x").is_none() && split("sk_live_x").is_none());
     }
-}
-
-/// A new key record and its plaintext (shown once).
-pub fn new_key(
-    name: String,
-    scopes: Vec<Scope>,
-    mode: KeyMode,
-    limits: KeyLimits,
-    allowed_from_domains: Vec<String>,
-    now: i64,
-) -> (ApiKey, String) {
-    let secret = generate();
-    let key = ApiKey {
-        id: format!("key_{}", uuid::Uuid::now_v7().simple()),
-        prefix: secret.prefix,
-        secret_hash: secret.secret_hash,
-        name,
-        scopes,
-        mode,
-        limits,
-        allowed_from_domains,
-        created_at: now,
-        revoked_at: None,
-    };
-    (key, secret.plaintext)
 }

@@ -56,7 +56,7 @@ async fn check_rate(state: &AppState, key: &ApiKey) -> Result<Option<RateDecisio
             policy: "burst",
             detail: format!("The key's rate limit ({rate}/s, burst {burst}) is exceeded."),
             retry_after,
-            headers: ratelimit_headers(key, Some(&decision), None),
+            headers: Box::new(ratelimit_headers(key, Some(&decision), None)),
         });
     }
     Ok(Some(decision))

@@ -17,6 +17,9 @@ use crate::domain::{Attempt, Outcome};
 pub struct SmtpRelay {
     name: String,
     transport: AsyncSmtpTransport<Tokio1Executor>,
+    /// Bound on one whole hand-off (connect, TLS, AUTH, envelope, DATA), so
+    /// a relay that stops answering cannot hold a worker forever.
+    deadline: std::time::Duration,
 }
 
 impl SmtpRelay {
@@ -47,6 +50,7 @@ impl SmtpRelay {
         Ok(SmtpRelay {
             name: config.name.clone(),
             transport: builder.build(),
+            deadline: config.timeout * 3,
         })
     }
 }
@@ -74,7 +78,17 @@ impl Relay for SmtpRelay {
             Ok(e) => e,
             Err(e) => return self.attempt(Outcome::Permanent, None, e.to_string(), started),
         };
-        match self.transport.send_raw(&envelope, mime).await {
+        let sent =
+            tokio::time::timeout(self.deadline, self.transport.send_raw(&envelope, mime)).await;
+        let Ok(sent) = sent else {
+            return self.attempt(
+                Outcome::Transient,
+                None,
+                format!("timed out after {:?}", self.deadline),
+                started,
+            );
+        };
+        match sent {
             Ok(response) => {
                 let text = response.message().collect::<Vec<_>>().join(" ");
                 self.attempt(

@@ -54,7 +54,7 @@ impl SqlStore {
              next_attempt_at, updated_at) VALUES ",
         );
         for i in 0..m.recipients.len() {
-            let b = i * 5;
+            let b = i * 4;
             if i > 0 {
                 sql.push(',');
             }

@@ -1,0 +1,8 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Mailroom's integration suite: one binary, real Postgres, Redis, SMTP
+//! (aiosmtpd) and a webhook receiver (standardwebhooks), each scenario run
+//! on both stacks where it applies.
+
+mod harness;
+
+mod pipeline;

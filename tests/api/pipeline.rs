@@ -1,0 +1,288 @@
+//! End to end through a real SMTP server: templates, inline, attachments,
+//! per-recipient outcomes, retries, give-up, suppression, TLS + AUTH,
+//! failover.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::json;
+
+use crate::harness::{code_to, Env, Smtp, Stack, TestApp, Tls};
+use crate::on_both_stacks;
+
+on_both_stacks!(
+    builtin_templates_in_two_languages,
+    inline_with_attachment_and_headers,
+    mixed_outcome_bounce_then_suppressed,
+    deferred_twice_then_delivered,
+    gives_up_after_configured_age,
+    starttls_and_implicit_tls_with_auth,
+    fails_over_from_dead_relay,
+);
+
+async fn builtin_templates_in_two_languages(stack: Stack) {
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start();
+    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let en = app
+        .api
+        .send(json!({
+            "template": "verification-code",
+            "from": "Acme <no-reply@acme.test>",
+            "to": [{"email": "bo@example.com", "name": "Bo"}],
+            "data": {"code": "493817", "name": "Bo", "product": "Acme"}
+        }))
+        .await;
+    let zh = app
+        .api
+        .send(json!({
+            "template": "password-reset",
+            "locale": "zh-CN",
+            "from": "Acme <no-reply@acme.test>",
+            "to": ["李雷 <lilei@例子.中国>"],
+            "data": {"reset_url": "https://acme.test/r?a=1&b=2", "name": "李雷"}
+        }))
+        .await;
+    let m = app.api.wait_status(&en, "delivered").await;
+    assert_eq!(m["recipients"][0]["smtp_code"], 250);
+    assert_eq!(
+        m["attempts"][0]["relay"],
+        format!("smtp://127.0.0.1:{}", smtp.port)
+    );
+    assert_eq!(m["events"][0]["type"], "message.delivered");
+    app.api.wait_status(&zh, "delivered").await;
+
+    let got = smtp.wait_for("bo@example.com").await;
+    assert_eq!(got["subject"], "Acme: your verification code");
+    assert_eq!(got["to"], "Bo <bo@example.com>");
+    assert!(got["text"].as_str().unwrap().contains("493817"));
+    assert!(got["html"].as_str().unwrap().contains("493817"));
+    assert_eq!(got["message_id"], m["message_id"]);
+
+    let got = smtp.wait_for("lilei@xn--fsqu00a.xn--fiqs8s").await;
+    assert_eq!(got["subject"], "重置您的密码");
+    assert_eq!(got["to"], "李雷 <lilei@xn--fsqu00a.xn--fiqs8s>");
+    let text = got["text"].as_str().unwrap();
+    assert!(
+        text.contains("李雷，您好") && text.contains("https://acme.test/r?a=1&b=2"),
+        "{text}"
+    );
+    // Autoescaped in HTML (minijinja also escapes `/`), verbatim in text.
+    let html = got["html"].as_str().unwrap();
+    assert!(
+        html.contains("a=1&amp;b=2") && !html.contains("a=1&b=2"),
+        "{html}"
+    );
+    app.stop().await;
+}
+
+async fn inline_with_attachment_and_headers(stack: Stack) {
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start();
+    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let pdf = b"%PDF-1.4 fake but fine";
+    let id = app
+        .api
+        .send(json!({
+            "subject": "Your invoice",
+            "text": "See attached.",
+            "html": "<p>See <b>attached</b>.</p>",
+            "from": "billing@acme.test",
+            "to": "a@example.com",
+            "cc": ["c@example.com"],
+            "bcc": ["hidden@example.com"],
+            "reply_to": "support@acme.test",
+            "headers": {"X-Entity-Ref-ID": "user-42"},
+            "tags": ["billing"],
+            "metadata": {"user_id": "42"},
+            "attachments": [{"filename": "invoice.pdf", "content_type": "application/pdf",
+                             "content": base64::engine::general_purpose::STANDARD.encode(pdf)}]
+        }))
+        .await;
+    let m = app.api.wait_status(&id, "delivered").await;
+    assert_eq!(m["recipients"].as_array().unwrap().len(), 3);
+    for rcpt in ["a@example.com", "c@example.com", "hidden@example.com"] {
+        let got = smtp.wait_for(rcpt).await;
+        assert_eq!(got["rcpt_to"], json!([rcpt]), "one envelope per recipient");
+        assert_eq!(got["bcc_header"], false);
+        assert_eq!(got["headers"]["X-Entity-Ref-ID"], "user-42");
+        assert_eq!(got["headers"]["Reply-To"], "support@acme.test");
+        assert_eq!(got["attachments"][0]["filename"], "invoice.pdf");
+        let content = base64::engine::general_purpose::STANDARD
+            .decode(got["attachments"][0]["content_b64"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(content, pdf);
+    }
+    let raw = app.api.get(&format!("/v1/messages/{id}/raw")).await;
+    assert_eq!(raw.headers["content-type"], "message/rfc822");
+    assert!(raw
+        .body
+        .as_str()
+        .unwrap()
+        .contains("X-Entity-Ref-ID: user-42"));
+    app.stop().await;
+}
+
+async fn mixed_outcome_bounce_then_suppressed(stack: Stack) {
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start();
+    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let mut body = code_to("ok@example.com");
+    body["to"] = json!(["ok@example.com", "bounce@example.com"]);
+    let id = app.api.send(body).await;
+    let m = app.api.wait_status(&id, "bounced").await;
+    let by: std::collections::HashMap<String, serde_json::Value> = m["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["email"].as_str().unwrap().to_string(), r.clone()))
+        .collect();
+    assert_eq!(by["ok@example.com"]["status"], "delivered");
+    let bounced = &by["bounce@example.com"];
+    assert_eq!(bounced["status"], "bounced");
+    assert_eq!(bounced["smtp_code"], 550);
+    assert_eq!(bounced["enhanced_code"], "5.1.1");
+    let types: Vec<&str> = m["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert!(types.contains(&"message.delivered") && types.contains(&"message.bounced"));
+
+    let list = app.api.get("/v1/suppressions").await;
+    assert_eq!(list.body["data"][0]["email"], "bounce@example.com");
+    assert_eq!(list.body["data"][0]["source"], "bounce");
+
+    let before = smtp.attempts("bounce@example.com").await;
+    let again = app.api.send(code_to("Bounce@Example.com")).await;
+    let m = app.api.wait_status(&again, "suppressed").await;
+    assert_eq!(m["events"][0]["type"], "message.suppressed");
+    assert_eq!(
+        smtp.attempts("bounce@example.com").await,
+        before,
+        "SMTP not touched"
+    );
+
+    // Removing the entry lets mail through again (and it bounces again).
+    assert_eq!(
+        app.api
+            .delete("/v1/suppressions/bounce@example.com")
+            .await
+            .status,
+        204
+    );
+    let third = app.api.send(code_to("bounce@example.com")).await;
+    app.api.wait_status(&third, "bounced").await;
+    app.stop().await;
+}
+
+async fn deferred_twice_then_delivered(stack: Stack) {
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start();
+    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let id = app.api.send(code_to("flaky2-x@example.com")).await;
+    let m = app.api.wait_status(&id, "delivered").await;
+    assert_eq!(m["recipients"][0]["attempts"], 3);
+    let outcomes: Vec<&str> = m["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["transient", "transient", "delivered"]);
+    assert_eq!(m["attempts"][0]["smtp_code"], 451);
+    assert_eq!(m["attempts"][0]["enhanced_code"], "4.3.0");
+    let types: Vec<&str> = m["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        ["message.deferred", "message.deferred", "message.delivered"]
+    );
+    app.stop().await;
+}
+
+async fn gives_up_after_configured_age(stack: Stack) {
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start();
+    let mut settings = env.settings(Some(smtp.relay()));
+    settings.delivery_give_up_after = Some("3s".into());
+    let app = TestApp::spawn(settings).await;
+    let id = app.api.send(code_to("defer@example.com")).await;
+    let m = app.api.wait_status(&id, "failed").await;
+    let attempts = m["recipients"][0]["attempts"].as_i64().unwrap();
+    assert!((2..=6).contains(&attempts), "{attempts} attempts");
+    assert_eq!(
+        m["events"].as_array().unwrap().last().unwrap()["type"],
+        "message.failed"
+    );
+    app.stop().await;
+}
+
+async fn starttls_and_implicit_tls_with_auth(stack: Stack) {
+    for (tls, scheme) in [(Tls::Starttls, "smtp"), (Tls::Implicit, "smtps")] {
+        let env = Env::new(stack).await;
+        let smtp = Smtp::start_with(tls, Some("mailer:s3cret/pass"));
+        let query = if tls == Tls::Starttls {
+            "?tls=starttls"
+        } else {
+            ""
+        };
+        let mut settings = env.settings(Some(format!(
+            "{scheme}://mailer:s3cret%2Fpass@localhost:{}{query}",
+            smtp.port
+        )));
+        settings.relay_ca_file = Some(smtp.certdir.join("ca.pem").display().to_string());
+        let app = TestApp::spawn(settings).await;
+        let id = app.api.send(code_to("tls@example.com")).await;
+        let m = app.api.wait_status(&id, "delivered").await;
+        assert_eq!(
+            m["attempts"][0]["relay"],
+            format!("{scheme}://localhost:{}", smtp.port)
+        );
+        smtp.wait_for("tls@example.com").await;
+        app.stop().await;
+    }
+    // Wrong password: never delivered; the attempt is recorded (and a relay
+    // that stops answering is cut off by the hand-off deadline).
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start_with(Tls::Implicit, Some("mailer:right"));
+    let mut settings = env.settings(Some(format!(
+        "smtps://mailer:wrong@localhost:{}?timeout=2s",
+        smtp.port
+    )));
+    settings.relay_ca_file = Some(smtp.certdir.join("ca.pem").display().to_string());
+    let app = TestApp::spawn(settings).await;
+    let id = app.api.send(code_to("tls@example.com")).await;
+    crate::harness::eventually(Duration::from_secs(20), "an attempt", || async {
+        let m = app.api.message(&id).await;
+        (m["attempts"].as_array().is_some_and(|a| !a.is_empty())).then_some(())
+    })
+    .await;
+    assert!(smtp.received_by("tls@example.com").await.is_empty());
+    app.stop().await;
+}
+
+async fn fails_over_from_dead_relay(stack: Stack) {
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start();
+    let dead = crate::harness::free_port();
+    let relays = format!("smtp://127.0.0.1:{dead}?tls=none,{}", smtp.relay());
+    let app = TestApp::start(&env, Some(relays)).await;
+    let id = app.api.send(code_to("failover@example.com")).await;
+    let m = app.api.wait_status(&id, "delivered").await;
+    let attempts = m["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0]["relay"], format!("smtp://127.0.0.1:{dead}"));
+    assert_eq!(attempts[0]["outcome"], "transient");
+    assert_eq!(
+        attempts[1]["relay"],
+        format!("smtp://127.0.0.1:{}", smtp.port)
+    );
+    assert_eq!(attempts[1]["outcome"], "delivered");
+    app.stop().await;
+}
