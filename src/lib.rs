@@ -16,6 +16,7 @@ pub mod keys;
 pub mod limiter;
 pub mod metrics;
 pub mod queue;
+pub mod redis_conn;
 pub mod relay;
 pub mod sending;
 pub mod store;

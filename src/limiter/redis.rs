@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use async_trait::async_trait;
 
 use super::*;
+use crate::redis_conn::RedisConn;
 
 const GCRA: &str = r#"
 local t = redis.call('TIME')
@@ -52,7 +52,7 @@ return {1, 'ok', d + count, m + count}
 "#;
 
 pub struct RedisLimiter {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     gcra: ::redis::Script,
     quota: ::redis::Script,
@@ -64,17 +64,8 @@ fn unavailable(e: ::redis::RedisError) -> LimiterError {
 
 impl RedisLimiter {
     pub async fn connect(url: &str, prefix: &str) -> Result<RedisLimiter, LimiterError> {
-        let client = ::redis::Client::open(url).map_err(unavailable)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_secs(2))
-            .set_response_timeout(Duration::from_secs(3))
-            .set_number_of_retries(2);
-        let conn = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(unavailable)?;
         Ok(RedisLimiter {
-            conn,
+            conn: RedisConn::new(url, Duration::from_secs(3)).map_err(unavailable)?,
             prefix: prefix.to_string(),
             gcra: ::redis::Script::new(GCRA),
             quota: ::redis::Script::new(QUOTA),
@@ -98,13 +89,11 @@ impl Limiter for RedisLimiter {
         burst: i64,
     ) -> Result<RateDecision, LimiterError> {
         let emission = 1000.0 / per_second.max(0.000_001);
-        let mut conn = self.conn.clone();
+        let mut invocation = self.gcra.key(format!("{}:rate:{key_id}", self.prefix));
+        invocation.arg(emission).arg(burst.max(1));
         let (allowed, remaining, retry, reset): (i64, i64, i64, i64) = self
-            .gcra
-            .key(format!("{}:rate:{key_id}", self.prefix))
-            .arg(emission)
-            .arg(burst.max(1))
-            .invoke_async(&mut conn)
+            .conn
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await
             .map_err(unavailable)?;
         Ok(RateDecision {
@@ -141,9 +130,9 @@ impl Limiter for RedisLimiter {
             .arg(w.ms_to_next_day + 3_600_000)
             .arg(w.ms_to_next_month + 3_600_000)
             .arg(w.ms_to_next_hour + 60_000);
-        let mut conn = self.conn.clone();
-        let (ok, policy, d, m): (i64, String, i64, i64) = invocation
-            .invoke_async(&mut conn)
+        let (ok, policy, d, m): (i64, String, i64, i64) = self
+            .conn
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await
             .map_err(unavailable)?;
         if ok == 1 {
@@ -167,19 +156,19 @@ impl Limiter for RedisLimiter {
         for (key, by) in &reservation.counters {
             pipe.cmd("DECRBY").arg(key).arg(*by).ignore();
         }
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+        self.conn
+            .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+            .map_err(unavailable)
     }
 
     async fn used(&self, key_id: &str, now: Millis) -> Result<(i64, i64), LimiterError> {
         let (_, day, month) = self.keys(key_id, now);
-        let mut conn = self.conn.clone();
-        let (d, m): (Option<i64>, Option<i64>) = ::redis::pipe()
-            .cmd("GET")
-            .arg(day)
-            .cmd("GET")
-            .arg(month)
-            .query_async(&mut conn)
+        let mut pipe = ::redis::pipe();
+        pipe.cmd("GET").arg(day).cmd("GET").arg(month);
+        let (d, m): (Option<i64>, Option<i64>) = self
+            .conn
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
             .await
             .map_err(unavailable)?;
         Ok((d.unwrap_or(0), m.unwrap_or(0)))

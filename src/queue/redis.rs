@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::streams::{StreamAutoClaimReply, StreamReadReply};
 use async_trait::async_trait;
 
 use super::{lane_order, Job, Queue, QueueDepth, QueueError};
 use crate::domain::{now_ms, Millis, Priority};
+use crate::redis_conn::RedisConn;
 
 const GROUP: &str = "workers";
 /// Entries idle this long in a dead consumer's pending list are taken over.
@@ -34,8 +34,9 @@ return #due
 "#;
 
 pub struct RedisQueue {
-    conn: ConnectionManager,
-    blocking: tokio::sync::Mutex<ConnectionManager>,
+    conn: RedisConn,
+    /// Blocking reads get their own connection (they hold it while waiting).
+    blocking: RedisConn,
     prefix: String,
     consumer: String,
     tick: AtomicU64,
@@ -49,24 +50,9 @@ fn unavailable(e: ::redis::RedisError) -> QueueError {
 
 impl RedisQueue {
     pub async fn connect(url: &str, prefix: &str) -> Result<RedisQueue, QueueError> {
-        let client = ::redis::Client::open(url).map_err(unavailable)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_secs(2))
-            .set_response_timeout(Duration::from_secs(5))
-            .set_number_of_retries(2);
-        let conn = client
-            .get_connection_manager_with_config(config.clone())
-            .await
-            .map_err(unavailable)?;
-        let blocking = client
-            .get_connection_manager_with_config(
-                config.set_response_timeout(Duration::from_secs(10)),
-            )
-            .await
-            .map_err(unavailable)?;
         let queue = RedisQueue {
-            conn,
-            blocking: tokio::sync::Mutex::new(blocking),
+            conn: RedisConn::new(url, Duration::from_secs(5)).map_err(unavailable)?,
+            blocking: RedisConn::new(url, Duration::from_secs(5)).map_err(unavailable)?,
             prefix: prefix.to_string(),
             consumer: format!("c-{}", uuid::Uuid::new_v4().simple()),
             tick: AtomicU64::new(0),
@@ -86,15 +72,16 @@ impl RedisQueue {
     }
 
     async fn ensure_groups(&self) -> Result<(), QueueError> {
-        let mut conn = self.conn.clone();
         for lane in Priority::ALL {
-            let created: Result<(), ::redis::RedisError> = ::redis::cmd("XGROUP")
-                .arg("CREATE")
+            let mut cmd = ::redis::cmd("XGROUP");
+            cmd.arg("CREATE")
                 .arg(self.stream(lane))
                 .arg(GROUP)
                 .arg("0")
-                .arg("MKSTREAM")
-                .query_async(&mut conn)
+                .arg("MKSTREAM");
+            let created: Result<(), ::redis::RedisError> = self
+                .conn
+                .run(|mut c| async move { cmd.query_async(&mut c).await })
                 .await;
             match created {
                 Ok(()) => {}
@@ -129,7 +116,7 @@ impl RedisQueue {
 
     async fn read(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &RedisConn,
         lanes: &[Priority],
         count: usize,
         block: Option<Duration>,
@@ -150,8 +137,9 @@ impl RedisQueue {
         for _ in lanes {
             cmd.arg(">");
         }
-        let reply: Result<Option<StreamReadReply>, ::redis::RedisError> =
-            cmd.query_async(conn).await;
+        let reply: Result<Option<StreamReadReply>, ::redis::RedisError> = conn
+            .run(|mut c| async move { cmd.query_async(&mut c).await })
+            .await;
         match reply {
             Ok(Some(reply)) => Ok(self.jobs_from(reply)),
             Ok(None) => Ok(Vec::new()),
@@ -176,20 +164,20 @@ impl RedisQueue {
             }
             *last = Instant::now();
         }
-        let mut conn = self.conn.clone();
         let mut jobs = Vec::new();
         for lane in Priority::ALL {
-            let reply: Result<StreamAutoClaimReply, ::redis::RedisError> =
-                ::redis::cmd("XAUTOCLAIM")
-                    .arg(self.stream(lane))
-                    .arg(GROUP)
-                    .arg(&self.consumer)
-                    .arg(CLAIM_IDLE.as_millis() as u64)
-                    .arg("0-0")
-                    .arg("COUNT")
-                    .arg(max)
-                    .query_async(&mut conn)
-                    .await;
+            let mut cmd = ::redis::cmd("XAUTOCLAIM");
+            cmd.arg(self.stream(lane))
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg(CLAIM_IDLE.as_millis() as u64)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(max);
+            let reply: Result<StreamAutoClaimReply, ::redis::RedisError> = self
+                .conn
+                .run(|mut c| async move { cmd.query_async(&mut c).await })
+                .await;
             match reply {
                 Ok(reply) => {
                     for entry in reply.claimed {
@@ -231,32 +219,31 @@ impl Queue for RedisQueue {
                 .arg(id)
                 .ignore();
         }
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+        self.conn
+            .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+            .map_err(unavailable)
     }
 
     async fn schedule(&self, id: &str, lane: Priority, at: Millis) -> Result<(), QueueError> {
         if at <= now_ms() {
             return self.enqueue(&[(id.to_string(), lane)]).await;
         }
-        let mut conn = self.conn.clone();
-        ::redis::cmd("ZADD")
-            .arg(self.delayed())
+        let mut cmd = ::redis::cmd("ZADD");
+        cmd.arg(self.delayed())
             .arg(at)
-            .arg(format!("{}|{}", lane.as_str(), id))
-            .query_async::<()>(&mut conn)
+            .arg(format!("{}|{}", lane.as_str(), id));
+        self.conn
+            .run(|mut c| async move { cmd.query_async::<()>(&mut c).await })
             .await
             .map_err(unavailable)
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Job>, QueueError> {
-        let mut conn = self.conn.clone();
-        self.promote
-            .key(self.delayed())
-            .arg(now_ms())
-            .arg(1000)
-            .arg(&self.prefix)
-            .invoke_async::<i64>(&mut conn)
+        let mut promote = self.promote.key(self.delayed());
+        promote.arg(now_ms()).arg(1000).arg(&self.prefix);
+        self.conn
+            .run(|mut c| async move { promote.invoke_async::<i64>(&mut c).await })
             .await
             .map_err(unavailable)?;
         let mut jobs = self.autoclaim(max).await?;
@@ -266,7 +253,7 @@ impl Queue for RedisQueue {
                 break;
             }
             let got = self
-                .read(&mut conn, &[lane], max - jobs.len(), None)
+                .read(&self.conn, &[lane], max - jobs.len(), None)
                 .await?;
             jobs.extend(got);
         }
@@ -276,16 +263,14 @@ impl Queue for RedisQueue {
         // Nothing ready: block on all lanes, but not past the next delayed
         // entry (checked again on the next call).
         let wait = wait.min(Duration::from_millis(500));
-        let mut blocking = self.blocking.lock().await;
-        self.read(&mut blocking, &Priority::ALL, max, Some(wait))
+        self.read(&self.blocking, &Priority::ALL, max, Some(wait))
             .await
     }
 
     async fn ack(&self, job: &Job) -> Result<(), QueueError> {
         let stream = self.stream(job.lane);
-        let mut conn = self.conn.clone();
-        ::redis::pipe()
-            .cmd("XACK")
+        let mut pipe = ::redis::pipe();
+        pipe.cmd("XACK")
             .arg(&stream)
             .arg(GROUP)
             .arg(&job.token)
@@ -293,8 +278,9 @@ impl Queue for RedisQueue {
             .cmd("XDEL")
             .arg(&stream)
             .arg(&job.token)
-            .ignore()
-            .query_async::<()>(&mut conn)
+            .ignore();
+        self.conn
+            .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
             .await
             .map_err(unavailable)
     }
@@ -305,8 +291,11 @@ impl Queue for RedisQueue {
             pipe.cmd("XLEN").arg(self.stream(lane));
         }
         pipe.cmd("ZCARD").arg(self.delayed());
-        let mut conn = self.conn.clone();
-        let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let counts: Vec<u64> = self
+            .conn
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await
+            .map_err(unavailable)?;
         Ok(QueueDepth {
             ready: Priority::ALL
                 .iter()
@@ -318,9 +307,8 @@ impl Queue for RedisQueue {
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
-        let mut conn = self.conn.clone();
-        ::redis::cmd("PING")
-            .query_async::<String>(&mut conn)
+        self.conn
+            .run(|mut c| async move { ::redis::cmd("PING").query_async::<String>(&mut c).await })
             .await
             .map(|_| ())
             .map_err(unavailable)

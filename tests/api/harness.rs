@@ -691,6 +691,9 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn(settings: Settings) -> TestApp {
+        if std::env::var_os("MAILROOM_TEST_LOG").is_some() {
+            mailroom::telemetry::init(Some(mailroom::config::LogFormat::Pretty));
+        }
         let data_dir = PathBuf::from(settings.data_dir.clone().expect("data dir"));
         let config = Config::from_settings(settings).expect("config");
         let app = Application::build(config, Role::Serve)

@@ -5,4 +5,6 @@
 
 mod harness;
 
+mod faults;
+mod input;
 mod pipeline;

@@ -1,0 +1,232 @@
+//! Faults: a 202 is never lost, whatever happens to the process, Redis or
+//! Postgres; dependencies down mean 503, never 500.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::harness::{code_to, eventually, Client, Env, PgCluster, ProcApp, Smtp, Stack, TestApp};
+use crate::on_both_stacks;
+
+on_both_stacks!(
+    sigkill_mid_burst_loses_nothing,
+    sigterm_drains_and_exits_cleanly
+);
+
+/// Sends `n` messages from `parallel` tasks; returns the ids that got a 202.
+async fn burst(
+    api: &Client,
+    n: usize,
+    parallel: usize,
+    to: impl Fn(usize) -> String + Send + Sync + Clone + 'static,
+) -> Vec<String> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..parallel {
+        let api = api.clone();
+        let to = to.clone();
+        tasks.spawn(async move {
+            let mut ids = Vec::new();
+            for i in (worker..n).step_by(parallel) {
+                let resp = api
+                    .http
+                    .post(format!("{}/v1/send", api.base))
+                    .bearer_auth(&api.key)
+                    .json(&code_to(&to(i)))
+                    .send()
+                    .await;
+                if let Ok(r) = resp {
+                    if r.status() == StatusCode::ACCEPTED {
+                        if let Ok(body) = r.json::<serde_json::Value>().await {
+                            ids.push(body["id"].as_str().unwrap_or_default().to_string());
+                        }
+                    }
+                }
+            }
+            ids
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(Ok(mut part)) = tasks.join_next().await {
+        ids.append(&mut part);
+    }
+    ids
+}
+
+async fn all_delivered(api: &Client, ids: &[String], within: Duration) {
+    let mut pending: HashSet<String> = ids.iter().cloned().collect();
+    let deadline = std::time::Instant::now() + within;
+    while !pending.is_empty() {
+        let snapshot: Vec<String> = pending.iter().cloned().collect();
+        for id in snapshot {
+            let m = api.get(&format!("/v1/messages/{id}")).await;
+            if m.body["status"] == "delivered" {
+                pending.remove(&id);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {} accepted messages not delivered after {within:?}",
+            pending.len(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn sigkill_mid_burst_loses_nothing(stack: Stack) {
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start();
+    let mut app = ProcApp::start(&env, Some(smtp.relay())).await;
+    let api = app.api.clone();
+    let sender =
+        tokio::spawn(
+            async move { burst(&api, 200, 8, |i| format!("slow20-k{i}@example.com")).await },
+        );
+    // Kill once part of the burst is in.
+    eventually(
+        Duration::from_secs(30),
+        "some accepted messages",
+        || async {
+            let r = app.api.get("/v1/messages?limit=60").await;
+            (r.body["data"].as_array().map_or(0, Vec::len) >= 60).then_some(())
+        },
+    )
+    .await;
+    app.kill9();
+    let accepted = sender.await.unwrap();
+    assert!(accepted.len() >= 60, "only {} accepted", accepted.len());
+    app.restart(&env.data_dir).await;
+    all_delivered(&app.api, &accepted, Duration::from_secs(90)).await;
+    // At-least-once: every accepted message reached the SMTP server, and
+    // duplicates (if any) carry the same Message-ID.
+    let got = smtp.messages().await;
+    let ids: HashSet<String> = got
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap().to_string())
+        .collect();
+    for id in &accepted {
+        assert!(
+            ids.iter().any(|mid| mid.contains(id.as_str())),
+            "{id} never reached SMTP"
+        );
+    }
+}
+
+async fn sigterm_drains_and_exits_cleanly(stack: Stack) {
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start();
+    let mut app = ProcApp::start(&env, Some(smtp.relay())).await;
+    let ids = burst(&app.api, 20, 4, |i| format!("slow300-t{i}@example.com")).await;
+    assert_eq!(ids.len(), 20);
+    // Wait until deliveries are in flight, then ask it to stop.
+    eventually(Duration::from_secs(20), "a delivery in flight", || async {
+        let r = app.api.get("/v1/messages?status=sending").await;
+        (!r.body["data"].as_array().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    let status = app.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(app.logs().contains("shutdown complete"));
+    app.restart(&env.data_dir).await;
+    all_delivered(&app.api, &ids, Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_flushall_loses_nothing() {
+    let env = Env::new(Stack::Postgres).await;
+    let smtp = Smtp::start();
+    let mut settings = env.settings(Some(smtp.relay()));
+    settings.workers = Some(2);
+    let app = TestApp::spawn(settings).await;
+    let soon = (chrono::Utc::now() + chrono::Duration::seconds(2)).to_rfc3339();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let mut body = code_to(&format!("later{i}@example.com"));
+        body["send_at"] = json!(soon);
+        ids.push(app.api.send(body).await);
+    }
+    for i in 0..20 {
+        ids.push(
+            app.api
+                .send(code_to(&format!("slow100-now{i}@example.com")))
+                .await,
+        );
+    }
+    let redis = env.redis.as_ref().unwrap();
+    assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+    all_delivered(&app.api, &ids, Duration::from_secs(60)).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_means_no_500_and_recovery() {
+    let mut env = Env::new(Stack::Postgres).await;
+    let smtp = Smtp::start();
+    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    env.redis.as_mut().unwrap().stop();
+    let r = app
+        .api
+        .post("/v1/send", code_to("while-redis-down@example.com"))
+        .await;
+    assert!(
+        r.status == StatusCode::ACCEPTED || r.status == StatusCode::SERVICE_UNAVAILABLE,
+        "{} {}",
+        r.status,
+        r.body
+    );
+    let ready = app.api.get("/readyz").await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready.headers["content-type"], "application/problem+json");
+    env.redis.as_mut().unwrap().start_again();
+    if r.status == StatusCode::ACCEPTED {
+        let id = r.body["id"].as_str().unwrap();
+        app.api
+            .wait_status_within(id, "delivered", Duration::from_secs(60))
+            .await;
+    }
+    let id = app.api.send(code_to("after-redis@example.com")).await;
+    app.api
+        .wait_status_within(&id, "delivered", Duration::from_secs(60))
+        .await;
+    assert_eq!(app.api.get("/readyz").await.status, StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_means_503_and_recovery() {
+    let pg = PgCluster::start();
+    let mut env = Env::new(Stack::Postgres).await;
+    env.database_url = Some(pg.create_db().await);
+    let smtp = Smtp::start();
+    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let first = app.api.send(code_to("before@example.com")).await;
+    app.api.wait_status(&first, "delivered").await;
+    pg.stop();
+    let r = app
+        .api
+        .post("/v1/send", code_to("during@example.com"))
+        .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(r.body["status"], 503);
+    assert_eq!(
+        app.api.get("/readyz").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        app.api.get(&format!("/v1/messages/{first}")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    pg.restart();
+    let id = eventually(Duration::from_secs(30), "sends to work again", || async {
+        let r = app.api.post("/v1/send", code_to("after@example.com")).await;
+        (r.status == StatusCode::ACCEPTED).then(|| r.body["id"].as_str().unwrap().to_string())
+    })
+    .await;
+    app.api.wait_status(&id, "delivered").await;
+    assert_eq!(app.api.get("/readyz").await.status, StatusCode::OK);
+    app.stop().await;
+    pg.stop();
+}

@@ -1,0 +1,225 @@
+//! Bad input: a clear problem+json 4xx for everything a client can get
+//! wrong, never a 500, never a row written, never a byte sent.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::harness::{code_to, Env, Smtp, Stack, TestApp};
+use crate::on_both_stacks;
+
+on_both_stacks!(bad_input_is_refused_cleanly);
+
+fn fields(body: &Value) -> Vec<String> {
+    body["errors"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .map(|x| x["field"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn raw(
+    app: &TestApp,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+    let r = app
+        .api
+        .http
+        .post(format!("{}/v1/send", app.api.base))
+        .bearer_auth(&app.api.key)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let headers = r.headers().clone();
+    (status, r.json().await.unwrap_or(Value::Null), headers)
+}
+
+async fn bad_input_is_refused_cleanly(stack: Stack) {
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start();
+    let mut settings = env.settings(Some(smtp.relay()));
+    settings.max_request_bytes = Some(64 * 1024);
+    settings.max_attachment_bytes = Some(1024);
+    let app = TestApp::spawn(settings).await;
+
+    let (status, body, headers) = raw(&app, "application/json", b"{\"template\": ".to_vec()).await;
+    assert_eq!(status, 400);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(body["status"], 400);
+    assert!(headers.contains_key("x-request-id"));
+
+    let (status, _, _) = raw(&app, "text/plain", b"hello".to_vec()).await;
+    assert_eq!(status, 415);
+    let (status, _, _) = raw(
+        &app,
+        "application/json",
+        vec![b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}'],
+    )
+    .await;
+    assert_eq!(status, 400, "invalid UTF-8");
+
+    // Over-size: refused from Content-Length before reading, and when chunked.
+    let big = format!("{{\"subject\":\"{}\"}}", "x".repeat(100 * 1024));
+    let (status, body, _) = raw(&app, "application/json", big.clone().into_bytes()).await;
+    assert_eq!(status, 413);
+    assert_eq!(body["status"], 413);
+    let stream = futures_util::stream::iter(
+        big.into_bytes()
+            .chunks(8192)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let r = app
+        .api
+        .http
+        .post(format!("{}/v1/send", app.api.base))
+        .bearer_auth(&app.api.key)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413, "chunked body over the limit");
+
+    // Every bad field named in one answer.
+    let r = app
+        .api
+        .post(
+            "/v1/send",
+            json!({
+                "template": "verification-code",
+                "to": ["ok@example.com", "not-an-address", {"email": "x@example.com", "nmae": "typo"}],
+                "from": "Eve\r\nBcc: victim@example.com <eve@acme.test>",
+                "headers": {"X-Ok": "fine", "X-Evil": "a\r\nBcc: victim@example.com", "X-Lf": "a\nb", "X-Nul": "a\u{0}b", "Bcc": "v@example.com", "Bad Name": "x"},
+                "attachments": [{"filename": "a.pdf", "content_type": "application/pdf", "content": "not base64!!"}],
+                "priority": "urgent",
+                "send_at": "tomorrow",
+                "tpyo": true
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    let f = fields(&r.body);
+    for expected in [
+        "to[1]",
+        "to[2].nmae",
+        "from",
+        "headers.X-Evil",
+        "headers.X-Lf",
+        "headers.X-Nul",
+        "headers.Bcc",
+        "headers.Bad Name",
+        "attachments[0].content",
+        "priority",
+        "send_at",
+        "tpyo",
+    ] {
+        assert!(
+            f.contains(&expected.to_string()),
+            "{expected} missing from {f:?}"
+        );
+    }
+    assert!(!f.contains(&"headers.X-Ok".to_string()));
+
+    // Injection through inline subject, display names, addresses.
+    for body in [
+        json!({"subject": "Hi\r\nBcc: v@example.com", "text": "x", "from": "a@acme.test", "to": "b@example.com"}),
+        json!({"subject": "Hi", "text": "x", "from": "a@acme.test", "to": [{"email": "b@example.com", "name": "B\nBcc: v@example.com"}]}),
+        json!({"subject": "Hi", "text": "x", "from": "a@acme.test", "to": "b@example.com\r\nBcc: v@example.com"}),
+        json!({"subject": "Hi", "text": "x", "from": "a@acme.test", "to": "b@example.com", "reply_to": "c@example.com\nX: y"}),
+    ] {
+        let r = app.api.post("/v1/send", body.clone()).await;
+        assert_eq!(r.status, 422, "{body}: {}", r.body);
+    }
+
+    // Unknown template, missing variable, too many recipients, big attachment.
+    let r = app
+        .api
+        .post(
+            "/v1/send",
+            json!({"template": "nope", "to": "b@example.com", "from": "a@acme.test"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), fields(&r.body)),
+        (422, vec!["template".to_string()])
+    );
+    let r = app
+        .api
+        .post(
+            "/v1/send",
+            json!({"template": "verification-code", "to": "b@example.com", "from": "a@acme.test"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), fields(&r.body)),
+        (422, vec!["data.code".to_string()])
+    );
+    let many: Vec<String> = (0..51).map(|i| format!("u{i}@example.com")).collect();
+    let mut body = code_to("x@example.com");
+    body["to"] = json!(many);
+    assert_eq!(app.api.post("/v1/send", body).await.status, 422);
+    let mut body = code_to("x@example.com");
+    body["attachments"] = json!([{"filename": "big.bin", "content": base64_of(2048)}]);
+    assert_eq!(app.api.post("/v1/send", body).await.status, 422);
+    assert_eq!(app.api.post("/v1/send", json!([1, 2])).await.status, 422);
+    assert_eq!(
+        app.api
+            .post("/v1/send/batch", json!({"messages": []}))
+            .await
+            .status,
+        422
+    );
+
+    // Auth.
+    let anon = app
+        .api
+        .http
+        .post(format!("{}/v1/send", app.api.base))
+        .json(&code_to("x@example.com"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anon.status(), 401);
+    assert_eq!(anon.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        app.api
+            .with_key("mr_nope_nope")
+            .post("/v1/send", code_to("x@example.com"))
+            .await
+            .status,
+        401
+    );
+    assert_eq!(app.api.get("/v1/nowhere").await.status, 404);
+    assert_eq!(app.api.delete("/v1/send").await.status, 405);
+
+    // Request ids are echoed.
+    let r = app
+        .api
+        .call(
+            reqwest::Method::GET,
+            "/healthz",
+            None,
+            &[("x-request-id", "trace-me-42")],
+        )
+        .await;
+    assert_eq!(r.headers["x-request-id"], "trace-me-42");
+
+    // Nothing was written, nothing was sent.
+    let list = app.api.get("/v1/messages").await;
+    assert_eq!(list.body["data"], json!([]));
+    assert!(smtp.messages().await.is_empty());
+    app.stop().await;
+}
+
+fn base64_of(n: usize) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(vec![7u8; n])
+}
