@@ -7,4 +7,7 @@ mod harness;
 
 mod faults;
 mod input;
+mod limits;
+mod openapi;
 mod pipeline;
+mod webhooks;

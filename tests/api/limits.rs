@@ -1,0 +1,447 @@
+//! Keys, scopes, rate limits, quotas, idempotency, batch, test-mode keys.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::harness::{code_to, Client, Env, Smtp, Stack, TestApp};
+use crate::on_both_stacks;
+
+on_both_stacks!(
+    rate_limit_burst_and_retry_after,
+    daily_quota_is_exact_under_a_race,
+    per_recipient_cap,
+    scopes_ownership_and_revocation,
+    idempotency_replay_conflict_and_race,
+    batch_accepts_valid_items,
+    test_mode_key_never_reaches_smtp,
+    usage_and_allowed_from_domains,
+);
+
+async fn race(
+    api: &Client,
+    n: usize,
+    body: serde_json::Value,
+    headers: Vec<(String, String)>,
+) -> Vec<(StatusCode, serde_json::Value)> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let api = api.clone();
+        let body = body.clone();
+        let headers = headers.clone();
+        tasks.spawn(async move {
+            let h: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let r = api
+                .call(reqwest::Method::POST, "/v1/send", Some(body), &h)
+                .await;
+            (r.status, r.body)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        out.push(r.unwrap());
+    }
+    out
+}
+
+async fn rate_limit_burst_and_retry_after(stack: Stack) {
+    let env = Env::new(stack).await;
+    let app = TestApp::start(&env, None).await;
+    let (_, key) = app.api.create_key(json!({"name": "paced", "scopes": ["send", "read"], "rate_per_second": 0.5, "burst": 3})).await;
+    let client = app.api.with_key(&key);
+    for expected_remaining in [2, 1, 0] {
+        let r = client.post("/v1/send", code_to("a@example.com")).await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        assert_eq!(r.headers["ratelimit-policy"], "\"burst\";q=3;w=6");
+        let limit = r.headers["ratelimit"].to_str().unwrap();
+        assert!(
+            limit.starts_with(&format!("\"burst\";r={expected_remaining};t=")),
+            "{limit}"
+        );
+    }
+    let r = client.post("/v1/send", code_to("a@example.com")).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert_eq!(r.body["policy"], "burst");
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "retry-after {retry}");
+    tokio::time::sleep(Duration::from_secs(retry)).await;
+    assert_eq!(
+        client
+            .post("/v1/send", code_to("a@example.com"))
+            .await
+            .status,
+        202,
+        "a token came back after Retry-After"
+    );
+    app.stop().await;
+}
+
+async fn daily_quota_is_exact_under_a_race(stack: Stack) {
+    let env = Env::new(stack).await;
+    let app = TestApp::start(&env, None).await;
+    let (_, key) = app
+        .api
+        .create_key(json!({"name": "quota", "scopes": ["send", "read"], "daily_quota": 7}))
+        .await;
+    let client = app.api.with_key(&key);
+    let results = race(&client, 30, code_to("q@example.com"), vec![]).await;
+    let ok = results.iter().filter(|(s, _)| *s == 202).count();
+    let limited: Vec<_> = results.iter().filter(|(s, _)| *s == 429).collect();
+    assert_eq!(ok, 7, "exactly the quota is accepted");
+    assert_eq!(limited.len(), 23);
+    assert!(limited.iter().all(|(_, b)| b["policy"] == "daily"));
+    let usage = client.get("/v1/usage").await;
+    assert_eq!(usage.body["today"]["accepted"], 7);
+    assert_eq!(usage.body["remaining"]["daily"], 0);
+    // A rejected request (validation) consumes nothing: still exactly 7 stored.
+    let list = client.get("/v1/messages?limit=100").await;
+    assert_eq!(list.body["data"].as_array().unwrap().len(), 7);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_holds_across_two_processes_on_one_redis() {
+    let env = Env::new(Stack::Postgres).await;
+    let first = TestApp::start(&env, None).await;
+    let mut settings = env.settings(None);
+    settings.data_dir = Some(crate::harness::temp_dir("second").display().to_string());
+    let second = TestApp::spawn(settings).await;
+    let (_, key) = first
+        .api
+        .create_key(json!({"name": "shared", "scopes": ["send"], "daily_quota": 10}))
+        .await;
+    let a = first.api.with_key(&key);
+    let b = second.api.with_key(&key);
+    let (ra, rb) = tokio::join!(
+        race(&a, 12, code_to("x@example.com"), vec![]),
+        race(&b, 12, code_to("x@example.com"), vec![])
+    );
+    let ok = ra
+        .iter()
+        .chain(rb.iter())
+        .filter(|(s, _)| *s == 202)
+        .count();
+    assert_eq!(ok, 10, "one quota across both processes");
+    first.stop().await;
+    second.stop().await;
+}
+
+async fn per_recipient_cap(stack: Stack) {
+    let env = Env::new(stack).await;
+    let app = TestApp::start(&env, None).await;
+    let (_, key) = app
+        .api
+        .create_key(json!({"name": "signup", "scopes": ["send"], "per_recipient_hourly": 2}))
+        .await;
+    let client = app.api.with_key(&key);
+    assert_eq!(
+        client
+            .post("/v1/send", code_to("victim@example.com"))
+            .await
+            .status,
+        202
+    );
+    assert_eq!(
+        client
+            .post("/v1/send", code_to("Victim@Example.com"))
+            .await
+            .status,
+        202
+    );
+    let r = client.post("/v1/send", code_to("victim@example.com")).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.body["policy"], "per_recipient_hourly");
+    assert_eq!(
+        client
+            .post("/v1/send", code_to("someone-else@example.com"))
+            .await
+            .status,
+        202
+    );
+    app.stop().await;
+}
+
+async fn scopes_ownership_and_revocation(stack: Stack) {
+    let env = Env::new(stack).await;
+    let app = TestApp::start(&env, None).await;
+    let (send_id, send_key) = app
+        .api
+        .create_key(json!({"name": "app", "scopes": ["send", "read"]}))
+        .await;
+    let (_, read_key) = app
+        .api
+        .create_key(json!({"name": "dash", "scopes": ["read"]}))
+        .await;
+    let sender = app.api.with_key(&send_key);
+    let reader = app.api.with_key(&read_key);
+    assert_eq!(sender.get("/v1/keys").await.status, 403);
+    assert_eq!(
+        sender
+            .post("/v1/keys", json!({"name": "x", "scopes": ["admin"]}))
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        sender
+            .put("/v1/templates/x", json!({"subject": "s", "text": "t"}))
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        reader
+            .post("/v1/send", code_to("a@example.com"))
+            .await
+            .status,
+        403
+    );
+
+    let mine = sender.send(code_to("a@example.com")).await;
+    let admins = app.api.send(code_to("b@example.com")).await;
+    assert_eq!(
+        sender.get(&format!("/v1/messages/{mine}")).await.status,
+        200
+    );
+    assert_eq!(
+        sender.get(&format!("/v1/messages/{admins}")).await.status,
+        404,
+        "other keys' mail is invisible"
+    );
+    let listed: Vec<String> = sender.get("/v1/messages").await.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, vec![mine.clone()]);
+    assert_eq!(
+        app.api.get(&format!("/v1/messages/{mine}")).await.status,
+        200,
+        "admin sees all"
+    );
+
+    // Keys are never shown again, and revocation is immediate.
+    let shown = app.api.get(&format!("/v1/keys/{send_id}")).await;
+    assert!(shown.body.get("key").is_none());
+    assert!(!shown
+        .body
+        .to_string()
+        .contains(send_key.split('_').next_back().unwrap()));
+    assert_eq!(
+        app.api.delete(&format!("/v1/keys/{send_id}")).await.status,
+        204
+    );
+    assert_eq!(
+        sender
+            .post("/v1/send", code_to("a@example.com"))
+            .await
+            .status,
+        401
+    );
+    app.stop().await;
+}
+
+async fn idempotency_replay_conflict_and_race(stack: Stack) {
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start();
+    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let body = code_to("idem@example.com");
+    let first = app
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/v1/send",
+            Some(body.clone()),
+            &[("Idempotency-Key", "\"order-1\"")],
+        )
+        .await;
+    assert_eq!(first.status, 202);
+    assert!(first.headers.get("idempotent-replayed").is_none());
+    let again = app
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/v1/send",
+            Some(body.clone()),
+            &[("Idempotency-Key", "order-1")],
+        )
+        .await;
+    assert_eq!(again.status, 202);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.body["id"], first.body["id"]);
+    let other = app
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/v1/send",
+            Some(code_to("other@example.com")),
+            &[("Idempotency-Key", "order-1")],
+        )
+        .await;
+    assert_eq!(other.status, 422);
+    // A failed validation stores nothing: the key stays free.
+    let bad = app
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/v1/send",
+            Some(json!({"template": "nope", "to": "a@example.com", "from": "a@acme.test"})),
+            &[("Idempotency-Key", "order-2")],
+        )
+        .await;
+    assert_eq!(bad.status, 422);
+    let good = app
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/v1/send",
+            Some(code_to("idem2@example.com")),
+            &[("Idempotency-Key", "order-2")],
+        )
+        .await;
+    assert_eq!(good.status, 202);
+    assert!(good.headers.get("idempotent-replayed").is_none());
+
+    // Twenty identical requests racing: one message, one SMTP delivery.
+    let racing = code_to("race@example.com");
+    let results = race(
+        &app.api,
+        20,
+        racing,
+        vec![("Idempotency-Key".into(), "race-1".into())],
+    )
+    .await;
+    let ids: HashSet<String> = results
+        .iter()
+        .filter(|(s, _)| *s == 202)
+        .map(|(_, b)| b["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "{results:?}");
+    assert!(
+        results.iter().all(|(s, _)| *s == 202 || *s == 409),
+        "{results:?}"
+    );
+    let id = ids.into_iter().next().unwrap();
+    app.api.wait_status(&id, "delivered").await;
+    let list = app.api.get("/v1/messages?to=race@example.com").await;
+    assert_eq!(list.body["data"].as_array().unwrap().len(), 1);
+    smtp.wait_for("race@example.com").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(smtp.received_by("race@example.com").await.len(), 1);
+    app.stop().await;
+}
+
+async fn batch_accepts_valid_items(stack: Stack) {
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start();
+    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let r = app
+        .api
+        .post(
+            "/v1/send/batch",
+            json!({"messages": [code_to("one@example.com"), {"template": "verification-code", "to": "bad"}, code_to("three@example.com")]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let data = r.body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3);
+    assert_eq!(data[1]["error"]["status"], 422);
+    let fields: Vec<&str> = data[1]["error"]["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert!(
+        fields.contains(&"to") && fields.contains(&"data.code") || fields.contains(&"to"),
+        "{fields:?}"
+    );
+    for i in [0, 2] {
+        let id = data[i]["id"].as_str().unwrap();
+        assert_eq!(data[i]["index"], i);
+        app.api.wait_status(id, "delivered").await;
+    }
+    smtp.wait_for("one@example.com").await;
+    smtp.wait_for("three@example.com").await;
+    app.stop().await;
+}
+
+async fn test_mode_key_never_reaches_smtp(stack: Stack) {
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start();
+    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let (_, key) = app
+        .api
+        .create_key(json!({"name": "ci", "scopes": ["send", "read"], "mode": "test"}))
+        .await;
+    let client = app.api.with_key(&key);
+    let id = client.send(code_to("ci-user@example.com")).await;
+    let m = client.wait_status(&id, "delivered").await;
+    assert_eq!(m["mode"], "test");
+    assert_eq!(m["attempts"][0]["relay"], "capture");
+    let raw = client.get(&format!("/v1/messages/{id}/raw")).await;
+    assert!(raw.body.as_str().unwrap().contains("Subject:"));
+    // A live message sent after it reaches SMTP, the test one never did.
+    let live = app.api.send(code_to("live@example.com")).await;
+    app.api.wait_status(&live, "delivered").await;
+    smtp.wait_for("live@example.com").await;
+    assert!(smtp.received_by("ci-user@example.com").await.is_empty());
+    app.stop().await;
+}
+
+async fn usage_and_allowed_from_domains(stack: Stack) {
+    let env = Env::new(stack).await;
+    let app = TestApp::start(&env, None).await;
+    let (key_id, key) = app.api.create_key(json!({"name": "acme", "scopes": ["send", "read"], "allowed_from_domains": ["acme.test"], "monthly_quota": 100})).await;
+    let client = app.api.with_key(&key);
+    let mut body = code_to("u@example.com");
+    body["from"] = json!("spoof@other.test");
+    let r = client.post("/v1/send", body).await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.body["errors"][0]["field"], "from");
+    let id = client.send(code_to("u@example.com")).await;
+    client.wait_status(&id, "delivered").await;
+    let usage = client.get("/v1/usage").await.body;
+    assert_eq!(usage["key_id"], key_id);
+    assert_eq!(usage["today"]["accepted"], 1);
+    assert_eq!(usage["today"]["delivered"], 1);
+    assert_eq!(usage["month"]["delivered"], 1);
+    assert_eq!(usage["remaining"]["monthly"], 99);
+    assert_eq!(
+        client
+            .get(&format!("/v1/usage?key_id={}", "key_other"))
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        app.api
+            .get(&format!("/v1/usage?key_id={key_id}"))
+            .await
+            .body["today"]["accepted"],
+        1
+    );
+    // PATCH changes limits; the next request sees them.
+    let patched = app
+        .api
+        .patch(&format!("/v1/keys/{key_id}"), json!({"daily_quota": 1}))
+        .await;
+    assert_eq!(patched.status, 200);
+    assert_eq!(patched.body["daily_quota"], 1);
+    assert_eq!(patched.body["monthly_quota"], 100);
+    assert_eq!(
+        client
+            .post("/v1/send", code_to("u@example.com"))
+            .await
+            .status,
+        429
+    );
+    app.stop().await;
+}

@@ -1,0 +1,401 @@
+//! Webhooks: Standard Webhooks signatures verified by the `standardwebhooks`
+//! library in a real receiver; retries with one webhook-id; nothing lost when
+//! the receiver or Mailroom goes down; 410, redirects, SSRF, rotation; the
+//! event feed.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::{code_to, eventually, Client, Env, ProcApp, Receiver, Stack, TestApp};
+use crate::on_both_stacks;
+
+on_both_stacks!(
+    signed_and_retried_with_one_id,
+    receiver_down_during_a_burst_loses_nothing,
+    gone_disables_and_redirects_are_failures,
+    secret_rotation_signs_twice,
+    event_feed_pages_without_loss,
+);
+
+async fn create_hook(api: &Client, url: &str, events: Option<Vec<&str>>) -> (String, String) {
+    let mut body = json!({"url": url, "description": "test receiver"});
+    if let Some(events) = events {
+        body["events"] = json!(events);
+    }
+    let r = api.post("/v1/webhooks", body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let secret = r.body["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"));
+    (r.body["id"].as_str().unwrap().to_string(), secret)
+}
+
+async fn signed_and_retried_with_one_id(stack: Stack) {
+    let env = Env::new(stack).await;
+    let receiver = Receiver::start();
+    let app = TestApp::start(&env, None).await;
+    let (hook, secret) =
+        create_hook(&app.api, &receiver.url(), Some(vec!["message.delivered"])).await;
+    assert!(
+        app.api
+            .get(&format!("/v1/webhooks/{hook}"))
+            .await
+            .body
+            .get("secret")
+            .is_none(),
+        "secret shown once"
+    );
+    receiver.configure(&[&secret], &[500, 500]).await;
+    let mut body = code_to("hooked@example.com");
+    body["tags"] = json!(["auth"]);
+    body["metadata"] = json!({"user_id": "42"});
+    let id = app.api.send(body).await;
+    let got = eventually(
+        Duration::from_secs(30),
+        "three webhook attempts",
+        || async {
+            let r = receiver.received().await;
+            (r.len() >= 3).then_some(r)
+        },
+    )
+    .await;
+    let ids: HashSet<&str> = got.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 1, "same webhook-id on every retry");
+    assert!(
+        got.iter().all(|r| r["verified_with"] == json!([secret])),
+        "{got:?}"
+    );
+    let event = &got[2]["body"];
+    assert_eq!(event["type"], "message.delivered");
+    assert_eq!(event["data"]["message_id"], id.as_str());
+    assert_eq!(event["data"]["recipient"], "hooked@example.com");
+    assert_eq!(event["data"]["status"], "delivered");
+    assert_eq!(event["data"]["tags"], json!(["auth"]));
+    assert_eq!(event["data"]["metadata"], json!({"user_id": "42"}));
+    assert!(
+        !event.to_string().contains("493817"),
+        "no secret variables in events"
+    );
+    let deliveries = eventually(
+        Duration::from_secs(10),
+        "the delivery to be recorded as succeeded",
+        || async {
+            let d = app
+                .api
+                .get(&format!("/v1/webhooks/{hook}/deliveries"))
+                .await
+                .body;
+            (d["data"][0]["status"] == "succeeded").then_some(d)
+        },
+    )
+    .await;
+    let delivery = &deliveries["data"][0];
+    assert_eq!(delivery["attempts"], 3);
+    let log: Vec<Value> = delivery["attempt_log"].as_array().unwrap().clone();
+    assert_eq!(
+        log.iter()
+            .map(|a| a["status_code"].clone())
+            .collect::<Vec<_>>(),
+        vec![json!(500), json!(500), json!(200)]
+    );
+    // Manual replay of a delivery: same webhook-id again.
+    let did = delivery["id"].as_str().unwrap();
+    assert_eq!(
+        app.api
+            .post(
+                &format!("/v1/webhooks/{hook}/deliveries/{did}/retry"),
+                json!({})
+            )
+            .await
+            .status,
+        202
+    );
+    eventually(Duration::from_secs(10), "the replay", || async {
+        (receiver.received().await.len() >= 4).then_some(())
+    })
+    .await;
+    assert_eq!(receiver.received().await[3]["id"], got[0]["id"]);
+    // Test event.
+    assert_eq!(
+        app.api
+            .post(&format!("/v1/webhooks/{hook}/test"), json!({}))
+            .await
+            .status,
+        202
+    );
+    eventually(Duration::from_secs(10), "the test event", || async {
+        receiver
+            .received()
+            .await
+            .iter()
+            .any(|r| r["body"]["type"] == "webhook.test")
+            .then_some(())
+    })
+    .await;
+    app.stop().await;
+}
+
+async fn receiver_down_during_a_burst_loses_nothing(stack: Stack) {
+    let env = Env::new(stack).await;
+    let mut receiver = Receiver::start();
+    let app = TestApp::start(&env, None).await;
+    let (_, secret) = create_hook(&app.api, &receiver.url(), Some(vec!["message.delivered"])).await;
+    receiver.stop();
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        ids.push(
+            app.api
+                .send(code_to(&format!("burst{i}@example.com")))
+                .await,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    receiver.start_again();
+    receiver.configure(&[&secret], &[]).await;
+    let started = Instant::now();
+    let got = eventually(Duration::from_secs(60), "100 delivered events", || async {
+        let r = receiver.received().await;
+        let messages: HashSet<String> = r
+            .iter()
+            .filter(|x| !x["verified_with"].as_array().unwrap().is_empty())
+            .map(|x| {
+                x["body"]["data"]["message_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        (messages.len() >= 100).then_some(messages)
+    })
+    .await;
+    for id in &ids {
+        assert!(got.contains(id), "no event for {id}");
+    }
+    println!(
+        "webhooks: 100 events caught up in {:?} after the receiver came back",
+        started.elapsed()
+    );
+    app.stop().await;
+}
+
+async fn gone_disables_and_redirects_are_failures(stack: Stack) {
+    let env = Env::new(stack).await;
+    let receiver = Receiver::start();
+    let app = TestApp::start(&env, None).await;
+    let (hook, secret) = create_hook(&app.api, &receiver.url(), None).await;
+    receiver.configure(&[&secret], &[302, 410]).await;
+    app.api.send(code_to("a@example.com")).await;
+    let w = eventually(
+        Duration::from_secs(20),
+        "the endpoint to be disabled",
+        || async {
+            let w = app.api.get(&format!("/v1/webhooks/{hook}")).await.body;
+            (w["enabled"] == false).then_some(w)
+        },
+    )
+    .await;
+    assert!(w["disabled_reason"].as_str().unwrap().contains("410"));
+    let d = app
+        .api
+        .get(&format!("/v1/webhooks/{hook}/deliveries"))
+        .await
+        .body;
+    let log = &d["data"][0]["attempt_log"];
+    assert_eq!(log[0]["status_code"], 302);
+    assert!(log[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("redirects are not followed"));
+    assert_eq!(log[1]["status_code"], 410);
+    assert_eq!(
+        receiver.received().await.len(),
+        2,
+        "the redirect was not followed"
+    );
+    // Disabled endpoints get nothing; re-enabling works.
+    app.api.send(code_to("b@example.com")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(receiver.received().await.len(), 2);
+    let enabled = app
+        .api
+        .patch(&format!("/v1/webhooks/{hook}"), json!({"enabled": true}))
+        .await;
+    assert_eq!(enabled.body["enabled"], true);
+    app.stop().await;
+}
+
+async fn secret_rotation_signs_twice(stack: Stack) {
+    let env = Env::new(stack).await;
+    let receiver = Receiver::start();
+    let app = TestApp::start(&env, None).await;
+    let (hook, old) = create_hook(&app.api, &receiver.url(), Some(vec!["message.delivered"])).await;
+    let rotated = app
+        .api
+        .post(&format!("/v1/webhooks/{hook}/rotate-secret"), json!({}))
+        .await;
+    assert_eq!(rotated.status, 200);
+    let new = rotated.body["secret"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    receiver.configure(&[&old, &new], &[]).await;
+    app.api.send(code_to("rot@example.com")).await;
+    let got = eventually(Duration::from_secs(20), "a signed event", || async {
+        receiver.received().await.into_iter().next()
+    })
+    .await;
+    assert_eq!(
+        got["verified_with"],
+        json!([old, new]),
+        "both secrets verify during the grace period"
+    );
+    assert_eq!(got["signature"].as_str().unwrap().split(' ').count(), 2);
+    app.stop().await;
+}
+
+async fn event_feed_pages_without_loss(stack: Stack) {
+    let env = Env::new(stack).await;
+    let app = TestApp::start(&env, None).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(app.api.send(code_to(&format!("feed{i}@example.com"))).await);
+    }
+    for id in &ids {
+        app.api.wait_status(id, "delivered").await;
+    }
+    let seen = eventually(
+        Duration::from_secs(15),
+        "five events in the feed",
+        || async {
+            let mut seen = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let path = match &cursor {
+                    Some(c) => format!("/v1/events?limit=2&after={c}"),
+                    None => "/v1/events?limit=2".to_string(),
+                };
+                let page = app.api.get(&path).await.body;
+                let data = page["data"].as_array().unwrap().clone();
+                if data.is_empty() {
+                    break;
+                }
+                seen.extend(data.into_iter());
+                cursor = page["next_cursor"].as_str().map(str::to_string);
+            }
+            (seen.len() >= 5).then_some(seen)
+        },
+    )
+    .await;
+    let messages: Vec<&str> = seen
+        .iter()
+        .map(|e| e["data"]["message_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(messages.len(), 5);
+    for id in &ids {
+        assert!(messages.contains(&id.as_str()));
+    }
+    let cursors: Vec<i64> = seen
+        .iter()
+        .map(|e| e["cursor"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert!(cursors.windows(2).all(|w| w[0] < w[1]), "ordered");
+    let filtered = app.api.get("/v1/events?type=message.bounced").await.body;
+    assert_eq!(filtered["data"], json!([]));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_survive_a_sigkill_of_mailroom() {
+    for stack in [Stack::Embedded, Stack::Postgres] {
+        let env = Env::new(stack).await;
+        let mut receiver = Receiver::start();
+        let mut app = ProcApp::start(&env, None).await;
+        let (_, secret) =
+            create_hook(&app.api, &receiver.url(), Some(vec!["message.delivered"])).await;
+        receiver.stop();
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            ids.push(app.api.send(code_to(&format!("k{i}@example.com"))).await);
+        }
+        for id in &ids {
+            app.api.wait_status(id, "delivered").await;
+        }
+        app.kill9();
+        receiver.start_again();
+        receiver.configure(&[&secret], &[]).await;
+        app.restart(&env.data_dir).await;
+        eventually(
+            Duration::from_secs(60),
+            "all 20 events after the restart",
+            || async {
+                let got: HashSet<String> = receiver
+                    .received()
+                    .await
+                    .iter()
+                    .filter(|r| !r["verified_with"].as_array().unwrap().is_empty())
+                    .map(|r| {
+                        r["body"]["data"]["message_id"]
+                            .as_str()
+                            .unwrap()
+                            .to_string()
+                    })
+                    .collect();
+                ids.iter().all(|id| got.contains(id)).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssrf_targets_are_refused() {
+    let env = Env::new(Stack::Embedded).await;
+    let mut settings = env.settings(None);
+    settings.webhook_allow_private = Some(false);
+    let app = TestApp::spawn(settings).await;
+    // A name (not a literal, not "localhost") that resolves to a loopback or
+    // private address: this machine's own hostname, as /etc/hosts maps it.
+    let host = String::from_utf8(
+        std::process::Command::new("hostname")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let by_name = format!("http://{}:9/hook", host.trim());
+    let resolved = tokio::net::lookup_host((host.trim(), 9))
+        .await
+        .map(|a| a.collect::<Vec<_>>())
+        .unwrap_or_default();
+    assert!(
+        resolved
+            .iter()
+            .any(|a| mailroom::webhooks::ssrf::forbidden(a.ip())),
+        "this test needs the hostname to resolve to an internal address, got {resolved:?}"
+    );
+    for url in [
+        by_name.as_str(),
+        "http://127.0.0.1/hook",
+        "http://localhost:8080/hook",
+        "http://[::1]/hook",
+        "http://[::ffff:127.0.0.1]/hook",
+        "http://2130706433/hook",
+        "http://0x7f000001/hook",
+        "http://0177.0.0.1/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/",
+        "http://192.168.1.10/",
+        "http://172.16.5.4/",
+        "http://100.64.1.1/",
+        "http://[fc00::1]/",
+        "http://[fe80::1]/",
+        "http://0.0.0.0/",
+        "ftp://example.com/hook",
+        "http://user:pass@example.com/hook",
+    ] {
+        let r = app.api.post("/v1/webhooks", json!({"url": url})).await;
+        assert_eq!(r.status, 422, "{url} was accepted: {}", r.body);
+        assert_eq!(r.body["errors"][0]["field"], "url");
+    }
+    assert_eq!(app.api.get("/v1/webhooks").await.body["data"], json!([]));
+    app.stop().await;
+}
