@@ -9,5 +9,7 @@ mod faults;
 mod input;
 mod limits;
 mod openapi;
+mod otp;
 mod pipeline;
+mod templates;
 mod webhooks;
