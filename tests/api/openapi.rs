@@ -38,8 +38,7 @@ async fn spec_and_router_agree() {
     for (method, path) in &spec {
         let concrete = path
             .replace("{email}", "someone@example.com")
-            .replace('{', "")
-            .replace('}', "");
+            .replace(['{', '}'], "");
         let request = http.request(
             method.to_uppercase().parse().unwrap(),
             format!("{}{concrete}", app.api.base),

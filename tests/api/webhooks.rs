@@ -278,7 +278,7 @@ async fn event_feed_pages_without_loss(stack: Stack) {
                 if data.is_empty() {
                     break;
                 }
-                seen.extend(data.into_iter());
+                seen.extend(data);
                 cursor = page["next_cursor"].as_str().map(str::to_string);
             }
             (seen.len() >= 5).then_some(seen)
