@@ -139,7 +139,12 @@ async fn signed_and_retried_with_one_id(stack: Stack) {
 async fn receiver_down_during_a_burst_loses_nothing(stack: Stack) {
     let env = Env::new(stack).await;
     let mut receiver = Receiver::start();
-    let app = TestApp::start(&env, None).await;
+    // A compressed version of the real schedule (which spans ~1.5 days):
+    // long enough that no event runs out of attempts while the receiver is
+    // down, even on a loaded machine.
+    let mut settings = env.settings(None);
+    settings.webhook_retry_schedule = Some("1s,2s,3s,5s,8s,13s,20s".into());
+    let app = TestApp::spawn(settings).await;
     let (_, secret) = create_hook(&app.api, &receiver.url(), Some(vec!["message.delivered"])).await;
     receiver.stop();
     let mut ids = Vec::new();

@@ -1,0 +1,249 @@
+//! Load generator for Mailroom (see docs/performance.md). Drives
+//! `POST /v1/send` with the built-in `verification-code` template, closed-loop
+//! (N clients back to back) or open-loop (a fixed rate), then waits for every
+//! accepted message to be delivered and reports: accepted/s, accept latency
+//! percentiles, errors by status, delivered/s, 202→relay-250 latency
+//! (sampled from the message records), and the server's peak RSS and CPU.
+//! Prints one JSON object on stdout (the table is made by bench/run.sh).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+#[derive(Parser, Debug)]
+#[command(about = "Mailroom load generator")]
+struct Args {
+    /// Base URL of the Mailroom under test
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    base: String,
+    /// API key with send and read scopes
+    #[arg(long, env = "MAILROOM_BENCH_KEY")]
+    key: String,
+    /// closed (N clients back to back) or open (fixed rate)
+    #[arg(long, default_value = "closed")]
+    mode: String,
+    /// Clients in closed-loop mode
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Requests per second in open-loop mode
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// How long to send
+    #[arg(long, default_value = "10s")]
+    duration: humantime::Duration,
+    /// Server process id, for peak RSS and CPU
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Messages sampled for 202→250 latency
+    #[arg(long, default_value_t = 500)]
+    sample: usize,
+    /// Give up waiting for deliveries after this long
+    #[arg(long, default_value = "120s")]
+    drain_timeout: humantime::Duration,
+}
+
+#[derive(Default)]
+struct Results {
+    latencies: Vec<f64>,
+    statuses: BTreeMap<u16, u64>,
+    ids: Vec<String>,
+}
+
+fn body(i: u64) -> Value {
+    json!({
+        "template": "verification-code",
+        "from": "Acme <no-reply@acme.test>",
+        "to": [{"email": format!("user{i}@example.com"), "name": "Bench User"}],
+        "data": {"code": format!("{:06}", i % 1_000_000), "name": "Bench User", "product": "Acme"},
+        "tags": ["bench"],
+        "metadata": {"user_id": i.to_string()}
+    })
+}
+
+async fn one(client: &reqwest::Client, args: &Args, i: u64, results: &Mutex<Results>) {
+    let started = Instant::now();
+    let resp = client
+        .post(format!("{}/v1/send", args.base))
+        .bearer_auth(&args.key)
+        .json(&body(i))
+        .send()
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let (status, id) = match resp {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let id = if status == 202 {
+                r.json::<Value>().await.ok().and_then(|v| v["id"].as_str().map(str::to_string))
+            } else {
+                let _ = r.bytes().await;
+                None
+            };
+            (status, id)
+        }
+        Err(_) => (0, None),
+    };
+    let mut r = results.lock().await;
+    r.latencies.push(elapsed);
+    *r.statuses.entry(status).or_default() += 1;
+    if let Some(id) = id {
+        r.ids.push(id);
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// (peak RSS in MB, CPU seconds) of a process, from /proc.
+fn proc_stats(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm_kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some((hwm_kb / 1024.0, ticks / 100.0))
+}
+
+async fn delivered_count(client: &reqwest::Client, base: &str) -> u64 {
+    let Ok(resp) = client.get(format!("{base}/metrics")).send().await else {
+        return 0;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("mailroom_deliveries_total{status=\"delivered\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn millis(v: &Value) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(v.as_str()?).ok().map(|t| t.timestamp_millis())
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Arc::new(Args::parse());
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(4096)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let results = Arc::new(Mutex::new(Results::default()));
+    let delivered_before = delivered_count(&client, &args.base).await;
+    let cpu_before = args.pid.and_then(proc_stats).map_or(0.0, |s| s.1);
+    let duration: Duration = args.duration.into();
+    let started = Instant::now();
+    let deadline = started + duration;
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    if args.mode == "open" {
+        let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
+        let mut next = Instant::now();
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(4096));
+        while Instant::now() < deadline {
+            next += interval;
+            let permit = in_flight.clone().acquire_owned().await.unwrap();
+            let (client, args, results) = (client.clone(), args.clone(), results.clone());
+            let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tasks.spawn(async move {
+                one(&client, &args, i, &results).await;
+                drop(permit);
+            });
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    } else {
+        for _ in 0..args.concurrency {
+            let (client, args, results, counter) = (client.clone(), args.clone(), results.clone(), counter.clone());
+            tasks.spawn(async move {
+                while Instant::now() < deadline {
+                    let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    one(&client, &args, i, &results).await;
+                }
+            });
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    let send_seconds = started.elapsed().as_secs_f64();
+    let (accepted_ids, mut latencies, statuses) = {
+        let r = results.lock().await;
+        (r.ids.clone(), r.latencies.clone(), r.statuses.clone())
+    };
+    let accepted = accepted_ids.len() as u64;
+    // Wait until everything accepted is delivered.
+    let drain_deadline = Instant::now() + Duration::from(args.drain_timeout);
+    let mut delivered = 0;
+    while Instant::now() < drain_deadline {
+        delivered = delivered_count(&client, &args.base).await.saturating_sub(delivered_before);
+        if delivered >= accepted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let delivery_seconds = started.elapsed().as_secs_f64();
+    let stats = args.pid.and_then(proc_stats);
+    // 202 → 250 for a sample of messages, from their records.
+    let step = (accepted_ids.len() / args.sample.max(1)).max(1);
+    let mut to_relay = Vec::new();
+    for id in accepted_ids.iter().step_by(step).take(args.sample) {
+        let Ok(resp) = client
+            .get(format!("{}/v1/messages/{id}", args.base))
+            .bearer_auth(&args.key)
+            .send()
+            .await
+        else {
+            continue;
+        };
+        let m: Value = resp.json().await.unwrap_or(Value::Null);
+        let (Some(created), Some(attempt)) = (millis(&m["created_at"]), m["attempts"].as_array().and_then(|a| a.last())) else {
+            continue;
+        };
+        if let (Some(at), Some(d)) = (millis(&attempt["at"]), attempt["duration_ms"].as_i64()) {
+            to_relay.push((at + d - created) as f64 / 1000.0);
+        }
+    }
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    to_relay.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let report = json!({
+        "mode": args.mode,
+        "concurrency": args.concurrency,
+        "rate": args.rate,
+        "requests": latencies.len(),
+        "accepted": accepted,
+        "accepted_per_s": accepted as f64 / send_seconds,
+        "accept_ms": {
+            "p50": percentile(&latencies, 0.50) * 1000.0,
+            "p95": percentile(&latencies, 0.95) * 1000.0,
+            "p99": percentile(&latencies, 0.99) * 1000.0,
+            "max": latencies.last().copied().unwrap_or(0.0) * 1000.0,
+        },
+        "statuses": statuses,
+        "delivered": delivered,
+        "delivered_per_s": delivered as f64 / delivery_seconds,
+        "to_relay_ms": {
+            "samples": to_relay.len(),
+            "p50": percentile(&to_relay, 0.50) * 1000.0,
+            "p99": percentile(&to_relay, 0.99) * 1000.0,
+        },
+        "server_peak_rss_mb": stats.map(|s| s.0),
+        "server_cpu_percent": stats.map(|s| (s.1 - cpu_before) / delivery_seconds * 100.0),
+    });
+    println!("{report}");
+}
