@@ -55,7 +55,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             SqlStore::sqlite_url(&config.data_dir)
         }
     };
-    let store = SqlStore::connect(&url, 16)
+    let store = SqlStore::connect(&url, 32)
         .await
         .context("connecting to the database")?;
     store.migrate().await.context("applying migrations")?;

@@ -79,7 +79,10 @@ async fn one(client: &reqwest::Client, args: &Args, i: u64, results: &Mutex<Resu
         Ok(r) => {
             let status = r.status().as_u16();
             let id = if status == 202 {
-                r.json::<Value>().await.ok().and_then(|v| v["id"].as_str().map(str::to_string))
+                r.json::<Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v["id"].as_str().map(str::to_string))
             } else {
                 let _ = r.bytes().await;
                 None
@@ -133,7 +136,9 @@ async fn delivered_count(client: &reqwest::Client, base: &str) -> u64 {
 }
 
 fn millis(v: &Value) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(v.as_str()?).ok().map(|t| t.timestamp_millis())
+    chrono::DateTime::parse_from_rfc3339(v.as_str()?)
+        .ok()
+        .map(|t| t.timestamp_millis())
 }
 
 #[tokio::main]
@@ -171,7 +176,12 @@ async fn main() {
         }
     } else {
         for _ in 0..args.concurrency {
-            let (client, args, results, counter) = (client.clone(), args.clone(), results.clone(), counter.clone());
+            let (client, args, results, counter) = (
+                client.clone(),
+                args.clone(),
+                results.clone(),
+                counter.clone(),
+            );
             tasks.spawn(async move {
                 while Instant::now() < deadline {
                     let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -191,7 +201,9 @@ async fn main() {
     let drain_deadline = Instant::now() + Duration::from(args.drain_timeout);
     let mut delivered = 0;
     while Instant::now() < drain_deadline {
-        delivered = delivered_count(&client, &args.base).await.saturating_sub(delivered_before);
+        delivered = delivered_count(&client, &args.base)
+            .await
+            .saturating_sub(delivered_before);
         if delivered >= accepted {
             break;
         }
@@ -212,7 +224,10 @@ async fn main() {
             continue;
         };
         let m: Value = resp.json().await.unwrap_or(Value::Null);
-        let (Some(created), Some(attempt)) = (millis(&m["created_at"]), m["attempts"].as_array().and_then(|a| a.last())) else {
+        let (Some(created), Some(attempt)) = (
+            millis(&m["created_at"]),
+            m["attempts"].as_array().and_then(|a| a.last()),
+        ) else {
             continue;
         };
         if let (Some(at), Some(d)) = (millis(&attempt["at"]), attempt["duration_ms"].as_i64()) {

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::recorder::Recorder;
 use super::{decide, Policy};
 use crate::domain::{now_ms, Attempt, Status};
 use crate::keys::KeyMode;
@@ -35,6 +36,7 @@ pub struct Worker {
 
 impl Worker {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let recorder = Recorder::start(self.store.clone(), 2);
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let tasks = TaskTracker::new();
         loop {
@@ -58,8 +60,15 @@ impl Worker {
                     continue;
                 }
             };
+            if jobs.is_empty() {
+                continue;
+            }
+            let claims = match self.claim(&jobs).await {
+                Some(claims) => claims,
+                None => continue,
+            };
             let mut first = Some(first);
-            for job in jobs {
+            for (job, claim) in claims {
                 let permit = match first.take() {
                     Some(p) => p,
                     None => match permits.clone().acquire_owned().await {
@@ -68,11 +77,12 @@ impl Worker {
                     },
                 };
                 let worker = self.clone();
+                let recorder = recorder.clone();
                 let span =
                     tracing::info_span!("delivery", message_id = %job.id, lane = job.lane.as_str());
                 tasks.spawn(
                     async move {
-                        worker.process(job).await;
+                        worker.process(job, claim, &recorder).await;
                         drop(permit);
                     }
                     .instrument(span),
@@ -87,26 +97,40 @@ impl Worker {
         tasks.wait().await;
     }
 
-    async fn process(&self, job: Job) {
+    /// Claims a batch in one transaction; acknowledges jobs that are not due,
+    /// final, or taken (duplicates). `None` if the store is unavailable.
+    async fn claim(&self, jobs: &[Job]) -> Option<Vec<(Job, Claim)>> {
         let now = now_ms();
         let lease_until = now + self.lease.as_millis() as i64;
-        let claim = match self
+        let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+        let claims = match self
             .store
-            .claim(&job.id, &self.owner, now, lease_until)
+            .claim_many(&ids, &self.owner, now, lease_until)
             .await
         {
-            Ok(Some(claim)) => claim,
-            Ok(None) => {
-                self.ack(&job).await;
-                return;
-            }
+            Ok(claims) => claims,
             Err(e) => {
                 tracing::warn!(error = %e, "claim failed; the sweeper will retry");
-                return;
+                return None;
             }
         };
+        let mut by_id: std::collections::HashMap<String, Claim> = claims
+            .into_iter()
+            .map(|c| (c.message.id.clone(), c))
+            .collect();
+        let mut out = Vec::with_capacity(by_id.len());
+        for job in jobs {
+            match by_id.remove(&job.id) {
+                Some(claim) => out.push((job.clone(), claim)),
+                None => self.ack(job).await,
+            }
+        }
+        Some(out)
+    }
+
+    async fn process(&self, job: Job, claim: Claim, recorder: &Recorder) {
         let report = self.deliver(&claim).await;
-        match self.store.record(&report).await {
+        match recorder.record(report).await {
             Ok(result) => {
                 if let (false, Some(next)) = (result.status.is_final(), result.next_attempt_at) {
                     if let Err(e) = self.queue.schedule(&job.id, result.priority, next).await {

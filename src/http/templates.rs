@@ -257,6 +257,7 @@ async fn put(
         created_at: now_ms(),
     };
     let stored = state.store.put_template(&version).await?;
+    state.sender.forget_template(&stored.name);
     Ok((StatusCode::CREATED, Json(version_view(&stored))).into_response())
 }
 
@@ -278,6 +279,7 @@ async fn delete(
         });
     }
     state.store.delete_template(&name).await?;
+    state.sender.forget_template(&name);
     Ok(StatusCode::NO_CONTENT)
 }
 

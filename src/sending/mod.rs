@@ -50,7 +50,16 @@ pub struct SenderSettings {
     pub max_attachment_bytes: usize,
 }
 
+/// How long template lookups are cached. Versions are immutable; a new
+/// version or a delete made through another process is seen within this.
+const TEMPLATE_CACHE: Duration = Duration::from_secs(1);
+
+type TemplateCache = std::sync::Mutex<
+    std::collections::HashMap<String, (std::time::Instant, Arc<Vec<TemplateVersion>>)>,
+>;
+
 pub struct Sender {
+    template_cache: TemplateCache,
     store: Arc<dyn Store>,
     queue: Arc<dyn Queue>,
     limiter: Arc<dyn Limiter>,
@@ -89,6 +98,7 @@ impl Sender {
         settings: SenderSettings,
     ) -> Sender {
         Sender {
+            template_cache: Default::default(),
             store,
             queue,
             limiter,
@@ -98,6 +108,36 @@ impl Sender {
         }
     }
 
+    async fn template_versions(&self, name: &str) -> Result<Arc<Vec<TemplateVersion>>, ApiError> {
+        let cached = self
+            .template_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .filter(|(at, _)| at.elapsed() < TEMPLATE_CACHE)
+            .map(|(_, v)| v.clone());
+        if let Some(versions) = cached {
+            return Ok(versions);
+        }
+        let versions = Arc::new(self.store.template_versions(name).await?);
+        self.template_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                name.to_string(),
+                (std::time::Instant::now(), versions.clone()),
+            );
+        Ok(versions)
+    }
+
+    /// Drops a cached template after this process changed it.
+    pub fn forget_template(&self, name: &str) {
+        self.template_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
     /// Finds the template version a request asks for.
     pub async fn resolve_template(
         &self,
@@ -105,7 +145,7 @@ impl Sender {
         locale: Option<&str>,
         version: Option<i64>,
     ) -> Result<TemplateVersion, ApiError> {
-        let versions = self.store.template_versions(name).await?;
+        let versions = self.template_versions(name).await?;
         if versions.is_empty() {
             return Err(ApiError::validation(
                 "template",

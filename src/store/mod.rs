@@ -102,18 +102,18 @@ pub trait MessageStore: Send + Sync {
 
 #[async_trait]
 pub trait DeliveryStore: Send + Sync {
-    /// Takes a due message for delivery with a lease; `None` if it is not
-    /// due, final, or leased by someone else.
-    async fn claim(
+    /// Takes due messages for delivery with a lease, in one transaction;
+    /// messages not due, final, or leased by someone else are left out.
+    async fn claim_many(
         &self,
-        id: &str,
+        ids: &[String],
         owner: &str,
         now: Millis,
         lease_until: Millis,
-    ) -> StoreResult<Option<Claim>>;
-    /// Records what happened to each recipient; returns the message's new
-    /// status and when it is next due (if it is not final).
-    async fn record(&self, report: &DeliveryReport) -> StoreResult<RecordResult>;
+    ) -> StoreResult<Vec<Claim>>;
+    /// Records what happened to each recipient of each message, in one
+    /// transaction; returns each message's new status and next due time.
+    async fn record_many(&self, reports: &[DeliveryReport]) -> StoreResult<Vec<RecordResult>>;
     /// Messages due for more than `grace` that nobody claimed: the queue lost
     /// them. Marks them re-enqueued.
     async fn sweep(

@@ -2,7 +2,7 @@
 //! never a lock held across SMTP), record outcomes, sweep lost work, expire.
 
 use async_trait::async_trait;
-use sqlx::Row;
+use sqlx::{AnyConnection, Row};
 
 use super::events::{insert_message_event, MessageEvent};
 use super::messages::{finalize_waiting, recompute_message, Finish};
@@ -35,16 +35,15 @@ fn due_rows(found: &[sqlx::any::AnyRow]) -> StoreResult<Vec<(String, Priority, M
         .collect()
 }
 
-#[async_trait]
-impl DeliveryStore for SqlStore {
-    async fn claim(
-        &self,
-        id: &str,
-        owner: &str,
-        now: Millis,
-        lease_until: Millis,
-    ) -> StoreResult<Option<Claim>> {
-        let mut tx = self.pool.begin().await?;
+/// Claims one message inside the caller's transaction.
+async fn claim_one(
+    tx: &mut AnyConnection,
+    id: &str,
+    owner: &str,
+    now: Millis,
+    lease_until: Millis,
+) -> StoreResult<Option<Claim>> {
+    {
         let taken = sqlx::query(&format!(
             "UPDATE messages SET lease_until = $2, lease_owner = $3, updated_at = $4 \
              WHERE id = $1 AND status IN {NOT_FINAL} AND next_attempt_at <= $4 \
@@ -70,8 +69,7 @@ impl DeliveryStore for SqlStore {
         .fetch_all(&mut *tx)
         .await?;
         if due.is_empty() {
-            recompute_message(&mut tx, id, now, true).await?;
-            tx.commit().await?;
+            recompute_message(tx, id, now, true).await?;
             return Ok(None);
         }
         sqlx::query("UPDATE messages SET status = 'sending' WHERE id = $1")
@@ -95,13 +93,14 @@ impl DeliveryStore for SqlStore {
                 .map(rows::recipient)
                 .collect::<StoreResult<_>>()?,
         };
-        tx.commit().await?;
         Ok(Some(claim))
     }
+}
 
-    async fn record(&self, report: &DeliveryReport) -> StoreResult<RecordResult> {
+/// Records one report inside the caller's transaction.
+async fn record_one(tx: &mut AnyConnection, report: &DeliveryReport) -> StoreResult<RecordResult> {
+    {
         let now = report.now;
-        let mut tx = self.pool.begin().await?;
         let msg =
             sqlx::query("SELECT key_id, priority, tags, metadata FROM messages WHERE id = $1")
                 .bind(&report.message_id)
@@ -176,16 +175,45 @@ impl DeliveryStore for SqlStore {
                 reason: r.reason.as_deref(),
                 superseded_by: None,
             };
-            insert_message_event(&mut tx, event, now).await?;
+            insert_message_event(&mut *tx, event, now).await?;
         }
-        let (status, next) =
-            recompute_message(&mut tx, &report.message_id, now, report.redact).await?;
-        tx.commit().await?;
+        let (status, next) = recompute_message(tx, &report.message_id, now, report.redact).await?;
         Ok(RecordResult {
             status,
             priority: Priority::parse(&priority).unwrap_or(Priority::Normal),
             next_attempt_at: next,
         })
+    }
+}
+
+#[async_trait]
+impl DeliveryStore for SqlStore {
+    async fn claim_many(
+        &self,
+        ids: &[String],
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+    ) -> StoreResult<Vec<Claim>> {
+        let mut tx = self.pool.begin().await?;
+        let mut claims = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(claim) = claim_one(&mut tx, id, owner, now, lease_until).await? {
+                claims.push(claim);
+            }
+        }
+        tx.commit().await?;
+        Ok(claims)
+    }
+
+    async fn record_many(&self, reports: &[DeliveryReport]) -> StoreResult<Vec<RecordResult>> {
+        let mut tx = self.pool.begin().await?;
+        let mut results = Vec::with_capacity(reports.len());
+        for report in reports {
+            results.push(record_one(&mut tx, report).await?);
+        }
+        tx.commit().await?;
+        Ok(results)
     }
 
     async fn sweep(

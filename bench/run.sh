@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Mailroom's benchmark: same-run baselines, then Mailroom on both stacks.
+#
+#   bench/run.sh            full run (about 3 minutes after the build)
+#   bench/run.sh --quick    a few seconds per phase (smoke test)
+#
+# Starts its own durable Postgres (synchronous_commit=on), Redis and Postfix
+# smtp-sink on free ports; measures the raw baselines (pgbench single-row
+# INSERT at 32 clients; smtp-source -> smtp-sink with 32 sessions); then runs
+# mailroom-bench closed-loop (32 clients) and open-loop (1000/s) against
+# Postgres+Redis and against the embedded stack, and prints a table with each
+# figure's ratio to its baseline. Everything is torn down at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=0; [ "${1:-}" = "--quick" ] && QUICK=1
+if [ $QUICK = 1 ]; then DUR=3s; BASE_DUR=3; SMTP_N=2000; else DUR=20s; BASE_DUR=15; SMTP_N=30000; fi
+RATE=${BENCH_RATE:-1000}
+CLIENTS=${BENCH_CLIENTS:-32}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+need=()
+command -v pgbench >/dev/null || need+=(postgresql-contrib)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
+if [ ${#need[@]} -gt 0 ]; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+export PATH="$PATH:/usr/sbin"
+
+echo "== building release binaries" >&2
+cargo build --release --bins --quiet
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 300); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+
+WORK=$(mktemp -d /tmp/mailroom-bench.XXXXXX); chmod 755 "$WORK"
+PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+PGPORT=$(free_port); REDISPORT=$(free_port); SINKPORT=$(free_port); HTTPPORT=$(free_port)
+PIDS=()
+pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  pg "$PGBIN/pg_ctl" -D "$WORK/pg" -m fast stop >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+echo "== starting Postgres, Redis, smtp-sink" >&2
+mkdir -p "$WORK/pg"; [ "$(id -u)" = 0 ] && chown postgres "$WORK/pg"
+pg "$PGBIN/initdb" -A trust -U postgres -D "$WORK/pg" >/dev/null
+pg "$PGBIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg/log" -w -o "-p $PGPORT -k $WORK/pg -c listen_addresses=127.0.0.1 -c synchronous_commit=on -c max_connections=200 -c shared_buffers=256MB" start >/dev/null
+PSQL="psql -h 127.0.0.1 -p $PGPORT -U postgres -q"
+$PSQL -c "CREATE DATABASE baseline" -c "CREATE DATABASE mailroom"
+redis-server --port "$REDISPORT" --bind 127.0.0.1 --save "" --appendonly no >/dev/null & PIDS+=($!)
+SINK_USER=(); [ "$(id -u)" = 0 ] && SINK_USER=(-u postfix)
+smtp-sink "${SINK_USER[@]}" 127.0.0.1:$SINKPORT 1024 & PIDS+=($!)
+wait_port $REDISPORT; wait_port $SINKPORT
+
+echo "== baseline: pgbench single-row INSERT, 32 clients, ${BASE_DUR}s" >&2
+$PSQL baseline -c "CREATE TABLE t (id BIGSERIAL PRIMARY KEY, body TEXT NOT NULL)"
+echo "INSERT INTO t (body) VALUES ('hello');" > "$WORK/insert.sql"
+PG_TPS=$(pgbench -n -c 32 -j 2 -T "$BASE_DUR" -f "$WORK/insert.sql" -h 127.0.0.1 -p "$PGPORT" -U postgres baseline 2>/dev/null | awk '/^tps/ {print $3; exit}')
+
+echo "== baseline: smtp-source -> smtp-sink, 32 sessions, $SMTP_N messages" >&2
+T0=$(date +%s.%N)
+smtp-source -s 32 -m "$SMTP_N" -l 4000 -f bench@acme.test -t sink@example.com 127.0.0.1:$SINKPORT
+T1=$(date +%s.%N)
+SMTP_RATE=$(python3 -c "print($SMTP_N/($T1-$T0))")
+
+run_mailroom() { # $1 = label, rest = env assignments
+  local label=$1; shift
+  local data="$WORK/data-$label"; mkdir -p "$data"
+  env "$@" MAILROOM_LISTEN=127.0.0.1:$HTTPPORT MAILROOM_DATA_DIR="$data" \
+    MAILROOM_RELAYS="smtp://127.0.0.1:$SINKPORT?tls=none&pool=32" MAILROOM_WORKERS=64 \
+    MAILROOM_LOG_FORMAT=json RUST_LOG=warn ./target/release/mailroom serve > "$WORK/$label.log" 2>&1 &
+  local pid=$!; PIDS+=($pid)
+  wait_port $HTTPPORT
+  local key; key=$(cat "$data/admin-key")
+  ./target/release/mailroom-bench --base http://127.0.0.1:$HTTPPORT --key "$key" --pid $pid --mode closed --concurrency "$CLIENTS" --duration "$DUR" > "$WORK/$label-closed.json"
+  ./target/release/mailroom-bench --base http://127.0.0.1:$HTTPPORT --key "$key" --pid $pid --mode open --rate "$RATE" --duration "$DUR" > "$WORK/$label-open.json"
+  kill $pid; wait $pid 2>/dev/null || true
+}
+
+echo "== Mailroom on Postgres + Redis" >&2
+run_mailroom postgres DATABASE_URL="postgres://postgres@127.0.0.1:$PGPORT/mailroom" REDIS_URL="redis://127.0.0.1:$REDISPORT"
+echo "== Mailroom embedded (SQLite + in-process queue)" >&2
+run_mailroom embedded
+
+python3 - "$WORK" "$PG_TPS" "$SMTP_RATE" "$CLIENTS" "$RATE" <<'PY'
+import json, os, platform, subprocess, sys, datetime
+work, pg_tps, smtp_rate, clients, rate = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+print(f"\nMailroom benchmark — {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, commit {commit}, {os.cpu_count()} cores, {platform.platform()}")
+print(f"\nBaselines (same run): pgbench single-row INSERT, 32 clients: {pg_tps:,.0f} tps; smtp-source -> smtp-sink, 32 sessions: {smtp_rate:,.0f} msg/s\n")
+print("| stack | load | accepted/s | vs pgbench | accept p50 / p95 / p99 / max (ms) | delivered/s | vs smtp-sink | 202→250 p50 / p99 (ms) | errors | peak RSS MB | CPU % |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for stack in ("postgres", "embedded"):
+    for mode in ("closed", "open"):
+        r = json.load(open(f"{work}/{stack}-{mode}.json"))
+        load = f"closed, {clients} clients" if mode == "closed" else f"open, {rate}/s"
+        a = r["accept_ms"]; t = r["to_relay_ms"]
+        errors = {k: v for k, v in r["statuses"].items() if k != "202"}
+        print(f"| {stack} | {load} | {r['accepted_per_s']:,.0f} | {r['accepted_per_s']/pg_tps:.2f}× | {a['p50']:.1f} / {a['p95']:.1f} / {a['p99']:.1f} / {a['max']:.0f} | {r['delivered_per_s']:,.0f} | {r['delivered_per_s']/smtp_rate:.2f}× | {t['p50']:.0f} / {t['p99']:.0f} | {errors or 'none'} | {r['server_peak_rss_mb'] or 0:.0f} | {r['server_cpu_percent'] or 0:.0f} |")
+PY

@@ -1,0 +1,85 @@
+//! Group commit for delivery outcomes: reports from concurrent deliveries
+//! are recorded in one store transaction, and each delivery learns its own
+//! result. If a group fails, its reports are recorded one by one so one bad
+//! report cannot fail its neighbours.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use crate::store::{DeliveryReport, RecordResult, Store, StoreError, StoreResult};
+
+const MAX_GROUP: usize = 128;
+
+struct Job {
+    report: DeliveryReport,
+    done: oneshot::Sender<StoreResult<RecordResult>>,
+}
+
+#[derive(Clone)]
+pub struct Recorder {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Recorder {
+    /// Starts `writers` recording loops (they end when every clone is dropped).
+    pub fn start(store: Arc<dyn Store>, writers: usize) -> Recorder {
+        let (tx, rx) = mpsc::channel(4096);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..writers.max(1) {
+            tokio::spawn(writer(store.clone(), rx.clone()));
+        }
+        Recorder { tx }
+    }
+
+    pub async fn record(&self, report: DeliveryReport) -> StoreResult<RecordResult> {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Job { report, done }).await.is_err() {
+            return Err(StoreError::Corrupt("recorder stopped".into()));
+        }
+        wait.await
+            .unwrap_or_else(|_| Err(StoreError::Corrupt("recorder stopped".into())))
+    }
+}
+
+async fn writer(store: Arc<dyn Store>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    loop {
+        let group = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else { return };
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+            group
+        };
+        let reports: Vec<DeliveryReport> = group.iter().map(|j| j.report.clone()).collect();
+        match store.record_many(&reports).await {
+            Ok(results) => {
+                for (job, result) in group.into_iter().zip(results) {
+                    let _ = job.done.send(Ok(result));
+                }
+            }
+            Err(_) if group.len() > 1 => {
+                for job in group {
+                    let result = store
+                        .record_many(std::slice::from_ref(&job.report))
+                        .await
+                        .and_then(|mut r| {
+                            r.pop()
+                                .ok_or_else(|| StoreError::Corrupt("no result".into()))
+                        });
+                    let _ = job.done.send(result);
+                }
+            }
+            Err(e) => {
+                if let Some(job) = group.into_iter().next() {
+                    let _ = job.done.send(Err(e));
+                }
+            }
+        }
+    }
+}
