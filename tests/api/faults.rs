@@ -230,3 +230,71 @@ async fn postgres_down_means_503_and_recovery() {
     app.stop().await;
     pg.stop();
 }
+
+/// The embedded store keeps keys, templates and messages across restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_restart_keeps_everything() {
+    let env = Env::new(Stack::Embedded).await;
+    let mut app = ProcApp::start(&env, None).await;
+    let (_, key) = app
+        .api
+        .create_key(json!({"name": "kept", "scopes": ["send", "read"]}))
+        .await;
+    let put = app
+        .api
+        .put(
+            "/v1/templates/kept",
+            json!({"subject": "Kept {{ n }}", "text": "{{ n }}"}),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::CREATED);
+    let id = app.api.send(json!({"template": "kept", "from": "a@acme.test", "to": "k@example.com", "data": {"n": 1}})).await;
+    app.api.wait_status(&id, "delivered").await;
+    app.restart(&env.data_dir).await;
+    let m = app.api.message(&id).await;
+    assert_eq!(
+        (m["status"].as_str(), m["subject"].as_str()),
+        (Some("delivered"), Some("Kept 1"))
+    );
+    assert_eq!(
+        app.api.get("/v1/templates/kept").await.status,
+        StatusCode::OK
+    );
+    let again = app.api.with_key(&key).send(json!({"template": "kept", "from": "a@acme.test", "to": "k@example.com", "data": {"n": 2}})).await;
+    app.api.wait_status(&again, "delivered").await;
+}
+
+/// The load generator works (a second of tiny load; timings not asserted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_generator_smoke() {
+    let env = Env::new(Stack::Embedded).await;
+    let app = TestApp::start(&env, None).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailroom-bench"))
+        .args([
+            "--base",
+            &app.api.base,
+            "--key",
+            &app.api.key,
+            "--duration",
+            "1s",
+            "--concurrency",
+            "2",
+            "--sample",
+            "5",
+            "--drain-timeout",
+            "30s",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["accepted"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["delivered"], report["accepted"], "{report}");
+    assert!(report["to_relay_ms"]["samples"].as_u64().unwrap() > 0);
+    app.stop().await;
+}
