@@ -36,4 +36,4 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
 echo "== cargo test (unit tests, then the integration suite on both stacks)"
-cargo test --all-targets -- --test-threads="${MAILROOM_TEST_THREADS:-6}"
+cargo test --all-targets -- --test-threads="${MAILROOM_TEST_THREADS:-4}"

@@ -232,6 +232,10 @@ impl Worker {
         }
         DeliveryReport {
             message_id: message.id.clone(),
+            key_id: message.key_id.clone(),
+            priority: message.priority,
+            tags: message.tags.clone(),
+            metadata: message.metadata.clone(),
             now: now_ms(),
             redact: !captured,
             results,

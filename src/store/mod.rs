@@ -37,9 +37,12 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
             sqlx::Error::Database(db)
                 if db.code().is_some_and(|c| {
-                    // Postgres: admin shutdown / cannot connect now; SQLite: busy/locked.
+                    // Postgres: admin shutdown / cannot connect now, connection
+                    // exceptions (08), insufficient resources such as "too many
+                    // clients" (53); SQLite: busy/locked.
                     matches!(c.as_ref(), "57P01" | "57P02" | "57P03" | "5" | "6")
                         || c.starts_with("08")
+                        || c.starts_with("53")
                 }) =>
             {
                 StoreError::Unavailable(e)

@@ -186,6 +186,11 @@ pub struct RecipientResult {
 #[derive(Debug, Clone)]
 pub struct DeliveryReport {
     pub message_id: String,
+    /// Copied from the claimed message, for the events.
+    pub key_id: String,
+    pub priority: Priority,
+    pub tags: Vec<String>,
+    pub metadata: Value,
     pub now: Millis,
     /// Drop the unredacted MIME once final (false for captured mail).
     pub redact: bool,

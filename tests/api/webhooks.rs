@@ -143,7 +143,7 @@ async fn receiver_down_during_a_burst_loses_nothing(stack: Stack) {
     // long enough that no event runs out of attempts while the receiver is
     // down, even on a loaded machine.
     let mut settings = env.settings(None);
-    settings.webhook_retry_schedule = Some("1s,2s,3s,5s,8s,13s,20s".into());
+    settings.webhook_retry_schedule = Some("1s,2s,4s,8s,15s,30s,60s".into());
     let app = TestApp::spawn(settings).await;
     let (_, secret) = create_hook(&app.api, &receiver.url(), Some(vec!["message.delivered"])).await;
     receiver.stop();
@@ -159,7 +159,7 @@ async fn receiver_down_during_a_burst_loses_nothing(stack: Stack) {
     receiver.start_again();
     receiver.configure(&[&secret], &[]).await;
     let started = Instant::now();
-    let got = eventually(Duration::from_secs(60), "100 delivered events", || async {
+    let got = eventually(Duration::from_secs(150), "100 delivered events", || async {
         let r = receiver.received().await;
         let messages: HashSet<String> = r
             .iter()

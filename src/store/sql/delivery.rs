@@ -4,9 +4,9 @@
 use async_trait::async_trait;
 use sqlx::{AnyConnection, Row};
 
-use super::events::{insert_message_event, MessageEvent};
+use super::events::{insert_message_event, subscriptions, MessageEvent, Subscription};
 use super::messages::{finalize_waiting, recompute_message, Finish};
-use super::{json_col, rows, SqlStore};
+use super::{rows, SqlStore};
 use crate::domain::{Millis, Outcome, Priority, Status};
 use crate::store::records::*;
 use crate::store::{DeliveryStore, StoreError, StoreResult};
@@ -45,19 +45,20 @@ async fn claim_one(
 ) -> StoreResult<Option<Claim>> {
     {
         let taken = sqlx::query(&format!(
-            "UPDATE messages SET lease_until = $2, lease_owner = $3, updated_at = $4 \
+            "UPDATE messages SET lease_until = $2, lease_owner = $3, updated_at = $4, status = 'sending' \
              WHERE id = $1 AND status IN {NOT_FINAL} AND next_attempt_at <= $4 \
-             AND (lease_until IS NULL OR lease_until < $4)"
+             AND (lease_until IS NULL OR lease_until < $4) RETURNING {}, mime, mail_from",
+            rows::MESSAGE_COLUMNS
         ))
         .bind(id)
         .bind(lease_until)
         .bind(owner)
         .bind(now)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        if taken.rows_affected() == 0 {
+        let Some(row) = taken else {
             return Ok(None);
-        }
+        };
         let due = sqlx::query(&format!(
             "UPDATE recipients SET status = 'sending', updated_at = $2 \
              WHERE message_id = $1 AND status IN {NOT_FINAL} AND next_attempt_at <= $2 \
@@ -72,17 +73,6 @@ async fn claim_one(
             recompute_message(tx, id, now, true).await?;
             return Ok(None);
         }
-        sqlx::query("UPDATE messages SET status = 'sending' WHERE id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        let row = sqlx::query(&format!(
-            "SELECT {}, mime, mail_from FROM messages WHERE id = $1",
-            rows::MESSAGE_COLUMNS
-        ))
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
         let mime: Option<String> = row.try_get("mime")?;
         let claim = Claim {
             message: rows::message(&row)?,
@@ -98,18 +88,16 @@ async fn claim_one(
 }
 
 /// Records one report inside the caller's transaction.
-async fn record_one(tx: &mut AnyConnection, report: &DeliveryReport) -> StoreResult<RecordResult> {
+async fn record_one(
+    tx: &mut AnyConnection,
+    report: &DeliveryReport,
+    subscriptions: &[Subscription],
+) -> StoreResult<RecordResult> {
     {
         let now = report.now;
-        let msg =
-            sqlx::query("SELECT key_id, priority, tags, metadata FROM messages WHERE id = $1")
-                .bind(&report.message_id)
-                .fetch_one(&mut *tx)
-                .await?;
-        let key_id: String = msg.try_get("key_id")?;
-        let priority: String = msg.try_get("priority")?;
-        let tags = json_col(&msg, "tags")?;
-        let metadata = json_col(&msg, "metadata")?;
+        let key_id = &report.key_id;
+        let tags = serde_json::json!(report.tags);
+        let metadata = &report.metadata;
         for r in &report.results {
             let last = r.attempts.last();
             let updated = sqlx::query(
@@ -165,22 +153,22 @@ async fn record_one(tx: &mut AnyConnection, report: &DeliveryReport) -> StoreRes
             }
             let event = MessageEvent {
                 message_id: &report.message_id,
-                key_id: &key_id,
+                key_id,
                 recipient: &r.email,
                 status: r.status,
                 attempt: last,
                 attempt_number,
                 tags: &tags,
-                metadata: &metadata,
+                metadata,
                 reason: r.reason.as_deref(),
                 superseded_by: None,
             };
-            insert_message_event(&mut *tx, event, now).await?;
+            insert_message_event(&mut *tx, event, now, Some(subscriptions)).await?;
         }
         let (status, next) = recompute_message(tx, &report.message_id, now, report.redact).await?;
         Ok(RecordResult {
             status,
-            priority: Priority::parse(&priority).unwrap_or(Priority::Normal),
+            priority: report.priority,
             next_attempt_at: next,
         })
     }
@@ -208,9 +196,10 @@ impl DeliveryStore for SqlStore {
 
     async fn record_many(&self, reports: &[DeliveryReport]) -> StoreResult<Vec<RecordResult>> {
         let mut tx = self.pool.begin().await?;
+        let subscriptions = subscriptions(&mut tx).await?;
         let mut results = Vec::with_capacity(reports.len());
         for report in reports {
-            results.push(record_one(&mut tx, report).await?);
+            results.push(record_one(&mut tx, report, &subscriptions).await?);
         }
         tx.commit().await?;
         Ok(results)

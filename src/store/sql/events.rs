@@ -24,11 +24,31 @@ pub struct MessageEvent<'a> {
     pub superseded_by: Option<&'a str>,
 }
 
+/// An enabled webhook endpoint and its stored subscription list.
+pub type Subscription = (String, String);
+
+/// Enabled endpoints, read once for a group of events.
+pub async fn subscriptions(conn: &mut AnyConnection) -> StoreResult<Vec<Subscription>> {
+    let found = sqlx::query("SELECT id, events FROM webhooks WHERE disabled_at IS NULL")
+        .fetch_all(&mut *conn)
+        .await?;
+    found
+        .iter()
+        .map(|r| Ok((r.try_get("id")?, r.try_get("events")?)))
+        .collect()
+}
+
+fn subscribed(events: &str, event_type: &str) -> bool {
+    events == "*" || events.contains(&format!(",{event_type},"))
+}
+
 /// Writes the event for a status change (if the status is announced).
+/// `subscriptions`: the enabled endpoints if the caller already read them.
 pub async fn insert_message_event(
     conn: &mut AnyConnection,
     e: MessageEvent<'_>,
     now: Millis,
+    subscriptions: Option<&[Subscription]>,
 ) -> StoreResult<()> {
     let Some(event_type) = e.status.event_type() else {
         return Ok(());
@@ -67,6 +87,7 @@ pub async fn insert_message_event(
         message_seq: sequence,
         data,
         only_webhook: None,
+        subscriptions,
     };
     insert_event(conn, event, now).await.map(|_| ())
 }
@@ -80,6 +101,8 @@ pub struct NewEvent<'a> {
     pub data: Value,
     /// Deliver to this endpoint only (test events); otherwise to subscribers.
     pub only_webhook: Option<&'a str>,
+    /// Enabled endpoints, when the caller already read them.
+    pub subscriptions: Option<&'a [Subscription]>,
 }
 
 pub async fn insert_event(
@@ -103,17 +126,22 @@ pub async fn insert_event(
     .bind(now)
     .execute(&mut *conn)
     .await?;
+    let read;
+    let subs = match (e.only_webhook, e.subscriptions) {
+        (Some(_), _) => &[][..],
+        (None, Some(subs)) => subs,
+        (None, None) => {
+            read = subscriptions(conn).await?;
+            &read[..]
+        }
+    };
     let targets: Vec<String> = match e.only_webhook {
         Some(webhook) => vec![webhook.to_string()],
-        None => sqlx::query(
-            "SELECT id FROM webhooks WHERE disabled_at IS NULL AND (events = '*' OR events LIKE $1)",
-        )
-        .bind(format!("%,{},%", e.event_type))
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| r.try_get("id"))
-        .collect::<Result<_, _>>()?,
+        None => subs
+            .iter()
+            .filter(|(_, events)| subscribed(events, e.event_type))
+            .map(|(id, _)| id.clone())
+            .collect(),
     };
     for webhook_id in targets {
         sqlx::query(

@@ -187,7 +187,7 @@ pub async fn finalize_waiting(
             reason: Some(finish.reason),
             superseded_by: finish.superseded_by,
         };
-        insert_message_event(conn, event, now).await?;
+        insert_message_event(conn, event, now, None).await?;
     }
     recompute_message(conn, message_id, now, true).await?;
     Ok(changed.len() as u64)
