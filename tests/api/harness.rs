@@ -859,6 +859,15 @@ macro_rules! on_both_stacks {
     };
 }
 
+/// The usual set-up: an environment on `stack`, a fresh aiosmtpd, and an
+/// app relaying to it.
+pub async fn app_with_smtp(stack: Stack) -> (Env, Smtp, TestApp) {
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start();
+    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    (env, smtp, app)
+}
+
 /// A minimal valid send body.
 pub fn code_to(to: &str) -> Value {
     json!({

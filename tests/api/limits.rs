@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::harness::{code_to, Client, Env, Smtp, Stack, TestApp};
+use crate::harness::{app_with_smtp, code_to, Client, Env, Stack, TestApp};
 use crate::on_both_stacks;
 
 on_both_stacks!(
@@ -249,9 +249,7 @@ async fn scopes_ownership_and_revocation(stack: Stack) {
 }
 
 async fn idempotency_replay_conflict_and_race(stack: Stack) {
-    let env = Env::new(stack).await;
-    let smtp = Smtp::start();
-    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let (_env, smtp, app) = app_with_smtp(stack).await;
     let body = code_to("idem@example.com");
     let first = app
         .api
@@ -339,9 +337,7 @@ async fn idempotency_replay_conflict_and_race(stack: Stack) {
 }
 
 async fn batch_accepts_valid_items(stack: Stack) {
-    let env = Env::new(stack).await;
-    let smtp = Smtp::start();
-    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let (_env, smtp, app) = app_with_smtp(stack).await;
     let r = app
         .api
         .post(
@@ -374,9 +370,7 @@ async fn batch_accepts_valid_items(stack: Stack) {
 }
 
 async fn test_mode_key_never_reaches_smtp(stack: Stack) {
-    let env = Env::new(stack).await;
-    let smtp = Smtp::start();
-    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let (_env, smtp, app) = app_with_smtp(stack).await;
     let (_, key) = app
         .api
         .create_key(json!({"name": "ci", "scopes": ["send", "read"], "mode": "test"}))

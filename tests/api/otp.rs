@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
-use crate::harness::{code_to, eventually, Env, ProcApp, Smtp, Stack, TestApp};
+use crate::harness::{app_with_smtp, code_to, eventually, Env, ProcApp, Smtp, Stack, TestApp};
 use crate::on_both_stacks;
 
 on_both_stacks!(
@@ -29,9 +29,7 @@ fn at(seconds_from_now: i64) -> String {
 }
 
 async fn scheduled_send_waits_for_its_time(stack: Stack) {
-    let env = Env::new(stack).await;
-    let smtp = Smtp::start();
-    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let (_env, smtp, app) = app_with_smtp(stack).await;
     let send_at = now_secs() + 3.0;
     let mut body = code_to("later@example.com");
     body["send_at"] = json!(at(3));
@@ -65,9 +63,7 @@ async fn scheduled_send_waits_for_its_time(stack: Stack) {
 }
 
 async fn cancel_scheduled_and_refuse_final(stack: Stack) {
-    let env = Env::new(stack).await;
-    let smtp = Smtp::start();
-    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let (_env, smtp, app) = app_with_smtp(stack).await;
     let mut body = code_to("never@example.com");
     body["send_at"] = json!(at(3600));
     let id = app.api.send(body).await;
@@ -133,9 +129,7 @@ async fn sigkill_while_scheduled_still_on_time(stack: Stack) {
 }
 
 async fn expires_instead_of_failing(stack: Stack) {
-    let env = Env::new(stack).await;
-    let smtp = Smtp::start();
-    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let (_env, _smtp, app) = app_with_smtp(stack).await;
     let mut body = code_to("defer-otp@example.com");
     body["expires_at"] = json!(at(3));
     let expires = now_secs() + 3.0;
@@ -255,9 +249,7 @@ async fn collapse_key_keeps_only_the_latest(stack: Stack) {
 }
 
 async fn high_priority_overtakes_bulk_backlog(stack: Stack) {
-    let env = Env::new(stack).await;
-    let smtp = Smtp::start();
-    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let (_env, smtp, app) = app_with_smtp(stack).await;
     let bulk_total = 20_000;
     for batch in 0..bulk_total / 500 {
         let messages: Vec<serde_json::Value> = (0..500)

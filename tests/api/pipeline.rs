@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::json;
 
-use crate::harness::{code_to, Env, Smtp, Stack, TestApp, Tls};
+use crate::harness::{app_with_smtp, code_to, Env, Smtp, Stack, TestApp, Tls};
 use crate::on_both_stacks;
 
 on_both_stacks!(
@@ -21,9 +21,7 @@ on_both_stacks!(
 );
 
 async fn builtin_templates_in_two_languages(stack: Stack) {
-    let env = Env::new(stack).await;
-    let smtp = Smtp::start();
-    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let (_env, smtp, app) = app_with_smtp(stack).await;
     let en = app
         .api
         .send(json!({
@@ -77,9 +75,7 @@ async fn builtin_templates_in_two_languages(stack: Stack) {
 }
 
 async fn inline_with_attachment_and_headers(stack: Stack) {
-    let env = Env::new(stack).await;
-    let smtp = Smtp::start();
-    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let (_env, smtp, app) = app_with_smtp(stack).await;
     let pdf = b"%PDF-1.4 fake but fine";
     let id = app
         .api
@@ -124,9 +120,7 @@ async fn inline_with_attachment_and_headers(stack: Stack) {
 }
 
 async fn mixed_outcome_bounce_then_suppressed(stack: Stack) {
-    let env = Env::new(stack).await;
-    let smtp = Smtp::start();
-    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let (_env, smtp, app) = app_with_smtp(stack).await;
     let mut body = code_to("ok@example.com");
     body["to"] = json!(["ok@example.com", "bounce@example.com"]);
     let id = app.api.send(body).await;
@@ -178,9 +172,7 @@ async fn mixed_outcome_bounce_then_suppressed(stack: Stack) {
 }
 
 async fn deferred_twice_then_delivered(stack: Stack) {
-    let env = Env::new(stack).await;
-    let smtp = Smtp::start();
-    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let (_env, _smtp, app) = app_with_smtp(stack).await;
     let id = app.api.send(code_to("flaky2-x@example.com")).await;
     let m = app.api.wait_status(&id, "delivered").await;
     assert_eq!(m["recipients"][0]["attempts"], 3);

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::harness::{Env, ProcApp, Smtp, Stack, TestApp};
+use crate::harness::{app_with_smtp, Env, ProcApp, Smtp, Stack};
 use crate::on_both_stacks;
 
 on_both_stacks!(
@@ -28,9 +28,7 @@ fn send_welcome(extra: serde_json::Value) -> serde_json::Value {
 }
 
 async fn versions_pinning_and_locale_fallback(stack: Stack) {
-    let env = Env::new(stack).await;
-    let smtp = Smtp::start();
-    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let (_env, _smtp, app) = app_with_smtp(stack).await;
     let v1 = app
         .api
         .put("/v1/templates/welcome", welcome("Welcome v1"))
@@ -148,9 +146,7 @@ async fn versions_pinning_and_locale_fallback(stack: Stack) {
 }
 
 async fn authoring_errors_and_safe_rendering(stack: Stack) {
-    let env = Env::new(stack).await;
-    let smtp = Smtp::start();
-    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let (_env, smtp, app) = app_with_smtp(stack).await;
     let r = app
         .api
         .put(
