@@ -298,3 +298,22 @@ async fn load_generator_smoke() {
     assert!(report["to_relay_ms"]["samples"].as_u64().unwrap() > 0);
     app.stop().await;
 }
+
+/// `DATABASE_URL=sqlite://...` selects the embedded store explicitly and
+/// creates the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_sqlite_url_creates_its_file() {
+    let env = Env::new(Stack::Embedded).await;
+    let file = env.data_dir.join("explicit.db");
+    let mut settings = env.settings(None);
+    settings.database_url = Some(format!("sqlite://{}", file.display()));
+    let app = TestApp::spawn(settings).await;
+    let id = app.api.send(code_to("explicit@example.com")).await;
+    app.api.wait_status(&id, "delivered").await;
+    assert!(file.exists());
+    assert!(
+        !env.data_dir.join("mailroom.db").exists(),
+        "the default file was not used"
+    );
+    app.stop().await;
+}

@@ -70,7 +70,14 @@ impl SqlStore {
                     })
                 }),
         };
-        let pool = options.connect(url).await?;
+        let url = match backend {
+            // Create the database file if it does not exist yet.
+            Backend::Sqlite if !url.contains("mode=") => {
+                format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
+            }
+            _ => url.to_string(),
+        };
+        let pool = options.connect(&url).await?;
         Ok(SqlStore { pool, backend })
     }
 
