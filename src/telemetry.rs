@@ -1,4 +1,4 @@
-//! Logging with `tracing`: JSON or human-readable, filtered by `RUST_LOG`
+//! Logging with `tracing` to stderr: JSON or human-readable, filtered by `RUST_LOG`
 //! (default `info`). Nothing here ever sees a secret: handlers log ids, not
 //! keys, bodies or template data.
 
@@ -11,12 +11,14 @@ use crate::config::LogFormat;
 pub fn init(format: Option<LogFormat>) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lettre=warn,hyper=warn,reqwest=warn"));
-    let format = format.unwrap_or(if std::io::stdout().is_terminal() {
+    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
         LogFormat::Pretty
     } else {
         LogFormat::Json
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder
             .json()

@@ -317,3 +317,41 @@ async fn explicit_sqlite_url_creates_its_file() {
     );
     app.stop().await;
 }
+
+/// `mailroom keys create` prints the key alone on its last line (logs go to
+/// stderr), and the key works against a server on the same store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_keys_create_prints_a_working_key() {
+    let env = Env::new(Stack::Embedded).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args([
+            "keys",
+            "create",
+            "--name",
+            "cli",
+            "--scopes",
+            "send,read",
+            "--daily-quota",
+            "5",
+        ])
+        .env_clear()
+        .env("MAILROOM_DATA_DIR", &env.data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let key = stdout.lines().last().unwrap().trim().to_string();
+    assert!(
+        key.starts_with("mr_") && key.split('_').count() == 3,
+        "{stdout}"
+    );
+    let app = ProcApp::start(&env, None).await;
+    let client = app.api.with_key(&key);
+    let id = client.send(code_to("cli@example.com")).await;
+    client.wait_status(&id, "delivered").await;
+    assert_eq!(client.get("/v1/keys").await.status, StatusCode::FORBIDDEN);
+}
