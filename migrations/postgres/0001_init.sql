@@ -8,7 +8,7 @@ CREATE TABLE api_keys (
     name TEXT NOT NULL,
     scopes TEXT NOT NULL,
     mode TEXT NOT NULL,
-    rate_per_second DOUBLE PRECISION,
+    rate_millis BIGINT, -- thousandths of a request per second
     burst BIGINT,
     daily_quota BIGINT,
     monthly_quota BIGINT,

@@ -8,6 +8,12 @@ use crate::domain::Millis;
 use crate::keys::ApiKey;
 use crate::store::{KeyPatch, KeyStore, StoreResult};
 
+/// Rates are stored as integers (thousandths per second): a nullable float
+/// parameter does not bind reliably through `sqlx::Any` on Postgres.
+fn rate_millis(rate: Option<f64>) -> Option<i64> {
+    rate.map(|r| (r * 1000.0).round() as i64)
+}
+
 fn scopes_column(key: &ApiKey) -> String {
     key.scopes
         .iter()
@@ -29,7 +35,7 @@ impl KeyStore for SqlStore {
         .bind(&key.name)
         .bind(scopes_column(key))
         .bind(key.mode.as_str())
-        .bind(key.limits.rate_per_second)
+        .bind(rate_millis(key.limits.rate_per_second))
         .bind(key.limits.burst)
         .bind(key.limits.daily_quota)
         .bind(key.limits.monthly_quota)
@@ -101,7 +107,7 @@ impl KeyStore for SqlStore {
             key.allowed_from_domains = domains.clone();
         }
         sqlx::query(
-            "UPDATE api_keys SET name=$2, scopes=$3, mode=$4, rate_per_second=$5, burst=$6, \
+            "UPDATE api_keys SET name=$2, scopes=$3, mode=$4, rate_millis=$5, burst=$6, \
              daily_quota=$7, monthly_quota=$8, per_recipient_hourly=$9, allowed_from_domains=$10 \
              WHERE id=$1",
         )
@@ -109,7 +115,7 @@ impl KeyStore for SqlStore {
         .bind(&key.name)
         .bind(scopes_column(&key))
         .bind(key.mode.as_str())
-        .bind(key.limits.rate_per_second)
+        .bind(rate_millis(key.limits.rate_per_second))
         .bind(key.limits.burst)
         .bind(key.limits.daily_quota)
         .bind(key.limits.monthly_quota)

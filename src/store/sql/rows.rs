@@ -9,7 +9,7 @@ use crate::keys::{ApiKey, KeyLimits, KeyMode, Scope};
 use crate::store::records::*;
 use crate::store::{StoreError, StoreResult};
 
-pub const KEY_COLUMNS: &str = "id, prefix, secret_hash, name, scopes, mode, rate_per_second, \
+pub const KEY_COLUMNS: &str = "id, prefix, secret_hash, name, scopes, mode, rate_millis, \
     burst, daily_quota, monthly_quota, per_recipient_hourly, allowed_from_domains, created_at, revoked_at";
 
 pub const TEMPLATE_COLUMNS: &str = "name, locale, version, subject, html, text_body, required, \
@@ -50,7 +50,9 @@ pub fn key(row: &AnyRow) -> StoreResult<ApiKey> {
         scopes: scopes.split(',').filter_map(Scope::parse).collect(),
         mode: KeyMode::parse(&mode).ok_or_else(|| corrupt("mode", &mode))?,
         limits: KeyLimits {
-            rate_per_second: row.try_get("rate_per_second")?,
+            rate_per_second: row
+                .try_get::<Option<i64>, _>("rate_millis")?
+                .map(|m| m as f64 / 1000.0),
             burst: row.try_get("burst")?,
             daily_quota: row.try_get("daily_quota")?,
             monthly_quota: row.try_get("monthly_quota")?,
