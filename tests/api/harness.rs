@@ -868,6 +868,14 @@ pub async fn app_with_smtp(stack: Stack) -> (Env, Smtp, TestApp) {
     (env, smtp, app)
 }
 
+/// The event types of a message resource, in order.
+pub fn event_types(message: &Value) -> Vec<&str> {
+    message["events"]
+        .as_array()
+        .map(|events| events.iter().filter_map(|e| e["type"].as_str()).collect())
+        .unwrap_or_default()
+}
+
 /// A minimal valid send body.
 pub fn code_to(to: &str) -> Value {
     json!({

@@ -5,7 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
-use crate::harness::{app_with_smtp, code_to, eventually, Env, ProcApp, Smtp, Stack, TestApp};
+use crate::harness::{
+    app_with_smtp, code_to, event_types, eventually, Env, ProcApp, Smtp, Stack, TestApp,
+};
 use crate::on_both_stacks;
 
 on_both_stacks!(
@@ -136,12 +138,7 @@ async fn expires_instead_of_failing(stack: Stack) {
     let id = app.api.send(body).await;
     let m = app.api.wait_status(&id, "expired").await;
     assert_eq!(m["recipients"][0]["status"], "expired");
-    let types: Vec<&str> = m["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["type"].as_str().unwrap())
-        .collect();
+    let types = event_types(&m);
     assert_eq!(types.last(), Some(&"message.expired"));
     assert!(!types.contains(&"message.failed"));
     for a in m["attempts"].as_array().unwrap() {

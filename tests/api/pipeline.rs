@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::json;
 
-use crate::harness::{app_with_smtp, code_to, Env, Smtp, Stack, TestApp, Tls};
+use crate::harness::{app_with_smtp, code_to, event_types, Env, Smtp, Stack, TestApp, Tls};
 use crate::on_both_stacks;
 
 on_both_stacks!(
@@ -136,12 +136,7 @@ async fn mixed_outcome_bounce_then_suppressed(stack: Stack) {
     assert_eq!(bounced["status"], "bounced");
     assert_eq!(bounced["smtp_code"], 550);
     assert_eq!(bounced["enhanced_code"], "5.1.1");
-    let types: Vec<&str> = m["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["type"].as_str().unwrap())
-        .collect();
+    let types = event_types(&m);
     assert!(types.contains(&"message.delivered") && types.contains(&"message.bounced"));
 
     let list = app.api.get("/v1/suppressions").await;
@@ -185,12 +180,7 @@ async fn deferred_twice_then_delivered(stack: Stack) {
     assert_eq!(outcomes, ["transient", "transient", "delivered"]);
     assert_eq!(m["attempts"][0]["smtp_code"], 451);
     assert_eq!(m["attempts"][0]["enhanced_code"], "4.3.0");
-    let types: Vec<&str> = m["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["type"].as_str().unwrap())
-        .collect();
+    let types = event_types(&m);
     assert_eq!(
         types,
         ["message.deferred", "message.deferred", "message.delivered"]
@@ -215,6 +205,13 @@ async fn gives_up_after_configured_age(stack: Stack) {
     app.stop().await;
 }
 
+/// An app relaying through `relay`, trusting the test server's throwaway CA.
+async fn tls_app(env: &Env, smtp: &Smtp, relay: String) -> TestApp {
+    let mut settings = env.settings(Some(relay));
+    settings.relay_ca_file = Some(smtp.certdir.join("ca.pem").display().to_string());
+    TestApp::spawn(settings).await
+}
+
 async fn starttls_and_implicit_tls_with_auth(stack: Stack) {
     for (tls, scheme) in [(Tls::Starttls, "smtp"), (Tls::Implicit, "smtps")] {
         let env = Env::new(stack).await;
@@ -224,12 +221,11 @@ async fn starttls_and_implicit_tls_with_auth(stack: Stack) {
         } else {
             ""
         };
-        let mut settings = env.settings(Some(format!(
+        let relay = format!(
             "{scheme}://mailer:s3cret%2Fpass@localhost:{}{query}",
             smtp.port
-        )));
-        settings.relay_ca_file = Some(smtp.certdir.join("ca.pem").display().to_string());
-        let app = TestApp::spawn(settings).await;
+        );
+        let app = tls_app(&env, &smtp, relay).await;
         let id = app.api.send(code_to("tls@example.com")).await;
         let m = app.api.wait_status(&id, "delivered").await;
         assert_eq!(
@@ -243,12 +239,8 @@ async fn starttls_and_implicit_tls_with_auth(stack: Stack) {
     // that stops answering is cut off by the hand-off deadline).
     let env = Env::new(stack).await;
     let smtp = Smtp::start_with(Tls::Implicit, Some("mailer:right"));
-    let mut settings = env.settings(Some(format!(
-        "smtps://mailer:wrong@localhost:{}?timeout=2s",
-        smtp.port
-    )));
-    settings.relay_ca_file = Some(smtp.certdir.join("ca.pem").display().to_string());
-    let app = TestApp::spawn(settings).await;
+    let relay = format!("smtps://mailer:wrong@localhost:{}?timeout=2s", smtp.port);
+    let app = tls_app(&env, &smtp, relay).await;
     let id = app.api.send(code_to("tls@example.com")).await;
     crate::harness::eventually(Duration::from_secs(20), "an attempt", || async {
         let m = app.api.message(&id).await;
