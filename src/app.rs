@@ -119,6 +119,7 @@ impl Application {
             },
         );
         let ctx = Arc::new(Ctx {
+            send_slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
             store: store.clone(),
             queue: queue.clone(),
             limiter,

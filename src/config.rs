@@ -106,6 +106,9 @@ pub struct Settings {
     /// Largest total of decoded attachments per message in bytes [default: 7340032]
     #[arg(long, global = true, env = "MAILROOM_MAX_ATTACHMENT_BYTES")]
     pub max_attachment_bytes: Option<usize>,
+    /// Send requests processed at once before new ones get 503 [default: 1024]
+    #[arg(long, global = true, env = "MAILROOM_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
     /// json or pretty [default: pretty on a terminal, json otherwise]
     #[arg(long, global = true, env = "MAILROOM_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -146,6 +149,7 @@ impl Settings {
             idempotency_ttl,
             max_request_bytes,
             max_attachment_bytes,
+            max_in_flight,
             log_format
         )
     }
@@ -190,6 +194,7 @@ pub struct Config {
     pub idempotency_ttl: Duration,
     pub max_request_bytes: usize,
     pub max_attachment_bytes: usize,
+    pub max_in_flight: usize,
     pub log_format: Option<LogFormat>,
 }
 
@@ -333,6 +338,7 @@ impl Config {
                 "MAILROOM_MAX_ATTACHMENT_BYTES",
                 s.max_attachment_bytes,
             )?,
+            max_in_flight: required("MAILROOM_MAX_IN_FLIGHT", s.max_in_flight)?.max(1),
             log_format,
         })
     }

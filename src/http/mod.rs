@@ -38,6 +38,8 @@ use crate::store::Store;
 
 /// Everything a handler may use; built once in `app`.
 pub struct Ctx {
+    /// Admission control for sends (see `admit`).
+    pub send_slots: Arc<tokio::sync::Semaphore>,
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn Queue>,
     pub limiter: Arc<dyn Limiter>,
@@ -125,6 +127,7 @@ pub fn router(state: AppState) -> Router {
         .router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), admit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
@@ -146,6 +149,20 @@ async fn method_not_allowed() -> Response {
     });
     *response.body_mut() = axum::body::Body::from(body.to_string());
     response
+}
+
+/// Admission control: at most `MAILROOM_MAX_IN_FLIGHT` sends are processed
+/// at once; beyond that a send is refused with 503 + Retry-After before its
+/// body is read, so memory stays bounded under overload.
+async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let is_send = request.method() == Method::POST && request.uri().path().starts_with("/v1/send");
+    if !is_send {
+        return next.run(request).await;
+    }
+    match state.send_slots.clone().try_acquire_owned() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => ApiError::Unavailable("send capacity (too many sends in flight)").into_response(),
+    }
 }
 
 /// A span per request, request metrics, and one log line per request.

@@ -439,3 +439,30 @@ async fn usage_and_allowed_from_domains(stack: Stack) {
     );
     app.stop().await;
 }
+
+/// Overload is shed with 503 + Retry-After (never 500, never unbounded
+/// memory); what was accepted is delivered, and service resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_shed_with_503() {
+    let env = Env::new(Stack::Embedded).await;
+    let mut settings = env.settings(None);
+    settings.max_in_flight = Some(2);
+    let app = TestApp::spawn(settings).await;
+    let results = race(&app.api, 40, code_to("busy@example.com"), vec![]).await;
+    let shed: Vec<_> = results.iter().filter(|(s, _)| *s == 503).collect();
+    let accepted: Vec<_> = results.iter().filter(|(s, _)| *s == 202).collect();
+    assert_eq!(shed.len() + accepted.len(), 40, "{results:?}");
+    assert!(
+        !shed.is_empty(),
+        "40 concurrent sends against a capacity of 2 shed none"
+    );
+    assert!(shed.iter().all(|(_, b)| b["status"] == 503));
+    for (_, body) in &accepted {
+        app.api
+            .wait_status(body["id"].as_str().unwrap(), "delivered")
+            .await;
+    }
+    let r = app.api.post("/v1/send", code_to("after@example.com")).await;
+    assert_eq!(r.status, 202);
+    app.stop().await;
+}
