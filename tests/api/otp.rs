@@ -26,6 +26,16 @@ fn now_secs() -> f64 {
         .as_secs_f64()
 }
 
+/// A scheduled message reached the SMTP server not before `send_at` (with a
+/// second of clock slack) and at most `late` seconds after it.
+fn assert_on_time(got: &serde_json::Value, send_at: f64, late: f64) {
+    let received = got["received_at"].as_f64().unwrap();
+    let delay = received - send_at;
+    println!("scheduled send reached SMTP {delay:.2}s after send_at");
+    assert!(delay >= -1.0, "delivered {:.2}s before send_at", -delay);
+    assert!(delay < late, "late by {delay:.2}s");
+}
+
 fn at(seconds_from_now: i64) -> String {
     (chrono::Utc::now() + chrono::Duration::seconds(seconds_from_now)).to_rfc3339()
 }
@@ -45,21 +55,7 @@ async fn scheduled_send_waits_for_its_time(stack: Stack) {
     assert_eq!(app.api.message(&id).await["status"], "scheduled");
     assert!(smtp.received_by("later@example.com").await.is_empty());
     let got = smtp.wait_for("later@example.com").await;
-    let received = got["received_at"].as_f64().unwrap();
-    assert!(
-        received >= send_at - 1.0,
-        "delivered {:.2}s before send_at",
-        send_at - received
-    );
-    println!(
-        "scheduled send reached SMTP {:.2}s after send_at",
-        received - send_at
-    );
-    assert!(
-        received - send_at < 3.0,
-        "late by {:.2}s",
-        received - send_at
-    );
+    assert_on_time(&got, send_at, 3.0);
     app.api.wait_status(&id, "delivered").await;
     app.stop().await;
 }
@@ -115,18 +111,8 @@ async fn sigkill_while_scheduled_still_on_time(stack: Stack) {
     app.kill9();
     app.restart(&env.data_dir).await;
     let got = smtp.wait_for("restart@example.com").await;
-    let received = got["received_at"].as_f64().unwrap();
-    assert!(
-        received >= send_at - 1.0,
-        "early by {:.2}s",
-        send_at - received
-    );
     // Redis keeps the delayed entry; the embedded queue is rebuilt from the store.
-    assert!(
-        received - send_at < 3.5,
-        "late by {:.2}s",
-        received - send_at
-    );
+    assert_on_time(&got, send_at, 3.5);
     app.api.wait_status(&id, "delivered").await;
 }
 
