@@ -444,9 +444,18 @@ impl Receiver {
     }
 
     pub fn start_again(&mut self) {
+        self.start_again_verifying(&[]);
+    }
+
+    /// Restarts on the same port, verifying with `secrets` from the first
+    /// request on (no window in which a retry arrives unverified).
+    pub fn start_again_verifying(&mut self, secrets: &[&str]) {
         let mut cmd = Command::new("python3");
         cmd.arg(support("webhook_receiver.py"))
             .args(["--port", &self.port.to_string()]);
+        for s in secrets {
+            cmd.args(["--secret", s]);
+        }
         self.proc = Some(spawn_ready(&mut cmd, "webhook receiver"));
     }
 

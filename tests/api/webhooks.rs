@@ -156,8 +156,7 @@ async fn receiver_down_during_a_burst_loses_nothing(stack: Stack) {
         );
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    receiver.start_again();
-    receiver.configure(&[&secret], &[]).await;
+    receiver.start_again_verifying(&[&secret]);
     let started = Instant::now();
     let got = eventually(Duration::from_secs(150), "100 delivered events", || async {
         let r = receiver.received().await;
@@ -325,8 +324,7 @@ async fn events_survive_a_sigkill_of_mailroom() {
             app.api.wait_status(id, "delivered").await;
         }
         app.kill9();
-        receiver.start_again();
-        receiver.configure(&[&secret], &[]).await;
+        receiver.start_again_verifying(&[&secret]);
         app.restart(&env.data_dir).await;
         eventually(
             Duration::from_secs(60),

@@ -5,6 +5,8 @@ Standard Webhooks project's own library (`standardwebhooks` from PyPI).
 POST /_config {"secrets": [...], "script": [500, 500, 200, ...]} sets the
 secrets to verify with (each must verify on its own) and the statuses to
 answer with, in order (then 200). A 3xx answer carries a Location header.
+`--secret` (repeatable) sets the secrets from the start, so a receiver
+that comes back after an outage verifies the very first retry.
 POST /hook receives events. GET /_received lists what arrived.
 """
 import argparse
@@ -76,7 +78,10 @@ class Handler(BaseHTTPRequestHandler):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--secret", action="append", default=[],
+                   help="verify with this secret from the first request on")
     a = p.parse_args()
+    STATE["secrets"] = a.secret
     server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
     print("READY", flush=True)
     server.serve_forever()
