@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -40,13 +40,20 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let tasks = TaskTracker::new();
         loop {
-            let first = tokio::select! {
+            let mut held = tokio::select! {
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 _ = shutdown.cancelled() => break,
             };
-            let want = permits.available_permits() + 1;
+            // Take every free slot at once: one receive and one claim for
+            // as many messages as can be delivered now.
+            let free = permits.available_permits();
+            if free > 0 {
+                if let Ok(more) = permits.clone().try_acquire_many_owned(free as u32) {
+                    held.merge(more);
+                }
+            }
             let jobs = tokio::select! {
-                r = self.queue.receive(want, Duration::from_secs(1)) => r,
+                r = self.queue.receive(held.num_permits(), Duration::from_secs(1)) => r,
                 _ = shutdown.cancelled() => break,
             };
             let jobs = match jobs {
@@ -63,31 +70,17 @@ impl Worker {
             if jobs.is_empty() {
                 continue;
             }
-            let claims = match self.claim(&jobs).await {
-                Some(claims) => claims,
-                None => continue,
-            };
-            let mut first = Some(first);
-            for (job, claim) in claims {
-                let permit = match first.take() {
-                    Some(p) => p,
-                    None => match permits.clone().acquire_owned().await {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                };
-                let worker = self.clone();
-                let recorder = recorder.clone();
-                let span =
-                    tracing::info_span!("delivery", message_id = %job.id, lane = job.lane.as_str());
-                tasks.spawn(
-                    async move {
-                        worker.process(job, claim, &recorder).await;
-                        drop(permit);
-                    }
-                    .instrument(span),
-                );
+            // Give back the slots this batch does not need.
+            if held.num_permits() > jobs.len() {
+                drop(held.split(held.num_permits() - jobs.len()));
             }
+            // The claim runs beside the loop, which goes on receiving.
+            let worker = self.clone();
+            let recorder = recorder.clone();
+            let spawner = tasks.clone();
+            tasks.spawn(async move {
+                worker.dispatch(jobs, held, &recorder, &spawner).await;
+            });
         }
         tasks.close();
         tracing::info!(
@@ -95,6 +88,36 @@ impl Worker {
             "worker stopping; finishing deliveries in flight"
         );
         tasks.wait().await;
+    }
+
+    /// Claims a received batch and starts one delivery per claimed message,
+    /// each holding one of the batch's slots.
+    async fn dispatch(
+        self: Arc<Self>,
+        jobs: Vec<Job>,
+        mut held: OwnedSemaphorePermit,
+        recorder: &Recorder,
+        tasks: &TaskTracker,
+    ) {
+        let Some(claims) = self.claim(&jobs).await else {
+            return;
+        };
+        let suppressed = Arc::new(self.suppressed(&claims).await);
+        for (job, claim) in claims {
+            let Some(permit) = held.split(1) else { break };
+            let worker = self.clone();
+            let recorder = recorder.clone();
+            let suppressed = suppressed.clone();
+            let span =
+                tracing::info_span!("delivery", message_id = %job.id, lane = job.lane.as_str());
+            tasks.spawn(
+                async move {
+                    worker.process(job, claim, &suppressed, &recorder).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
     }
 
     /// Claims a batch in one transaction; acknowledges jobs that are not due,
@@ -128,8 +151,29 @@ impl Worker {
         Some(out)
     }
 
-    async fn process(&self, job: Job, claim: Claim, recorder: &Recorder) {
-        let report = self.deliver(&claim).await;
+    /// The suppressed addresses among a batch's recipients (one lookup).
+    async fn suppressed(&self, claims: &[(Job, Claim)]) -> HashSet<String> {
+        let emails: Vec<String> = claims
+            .iter()
+            .flat_map(|(_, c)| c.recipients.iter().map(|r| r.email.clone()))
+            .collect();
+        match self.store.suppressed(&emails).await {
+            Ok(list) => list.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "suppression lookup failed; treating as not suppressed");
+                HashSet::new()
+            }
+        }
+    }
+
+    async fn process(
+        &self,
+        job: Job,
+        claim: Claim,
+        suppressed: &HashSet<String>,
+        recorder: &Recorder,
+    ) {
+        let report = self.deliver(&claim, suppressed).await;
         match recorder.record(report).await {
             Ok(result) => {
                 if let (false, Some(next)) = (result.status.is_final(), result.next_attempt_at) {
@@ -151,21 +195,13 @@ impl Worker {
         }
     }
 
-    async fn deliver(&self, claim: &Claim) -> DeliveryReport {
+    async fn deliver(&self, claim: &Claim, suppressed: &HashSet<String>) -> DeliveryReport {
         let message = &claim.message;
         let captured = message.mode == KeyMode::Test || self.relays_capture;
         let chain = if message.mode == KeyMode::Test {
             RelayChain::capture()
         } else {
             self.relays.clone()
-        };
-        let emails: Vec<String> = claim.recipients.iter().map(|r| r.email.clone()).collect();
-        let suppressed: HashSet<String> = match self.store.suppressed(&emails).await {
-            Ok(list) => list.into_iter().collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "suppression lookup failed; treating as not suppressed");
-                HashSet::new()
-            }
         };
         let mut results = Vec::with_capacity(claim.recipients.len());
         for r in &claim.recipients {
@@ -175,6 +211,7 @@ impl Worker {
                 email: r.email.clone(),
                 status,
                 attempts: Vec::new(),
+                prior_attempts: r.attempts,
                 next_attempt_at: None,
                 suppress: false,
                 reason: Some(reason.to_string()),
@@ -222,6 +259,7 @@ impl Worker {
                 email: r.email.clone(),
                 status: d.status,
                 attempts,
+                prior_attempts: r.attempts,
                 next_attempt_at: d.next_attempt_at,
                 suppress: d.suppress,
                 reason: d.reason,

@@ -5,6 +5,7 @@
 
 mod capture;
 mod config;
+mod pool;
 mod smtp;
 
 use std::sync::Arc;

@@ -177,6 +177,8 @@ pub struct RecipientResult {
     pub email: String,
     pub status: Status,
     pub attempts: Vec<Attempt>,
+    /// Attempts made before this delivery (from the claim).
+    pub prior_attempts: i64,
     pub next_attempt_at: Option<Millis>,
     /// Add the address to the suppression list (hard bounce).
     pub suppress: bool,

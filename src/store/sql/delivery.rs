@@ -1,13 +1,17 @@
 //! The delivery side of the store: claim with a lease (a conditional UPDATE,
 //! never a lock held across SMTP), record outcomes, sweep lost work, expire.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use sqlx::{AnyConnection, Row};
 
-use super::events::{insert_message_event, subscriptions, MessageEvent, Subscription};
-use super::messages::{finalize_waiting, recompute_message, Finish};
-use super::{rows, SqlStore};
-use crate::domain::{Millis, Outcome, Priority, Status};
+use super::events::{
+    last_sequences, message_event, subscriptions, write_events, MessageEvent, PendingEvent,
+};
+use super::messages::{finalize_waiting, recompute_messages, Finish};
+use super::{batch, rows, Backend, SqlStore};
+use crate::domain::{Attempt, Millis, Outcome, Priority, Status};
 use crate::store::records::*;
 use crate::store::{DeliveryStore, StoreError, StoreResult};
 
@@ -35,143 +39,200 @@ fn due_rows(found: &[sqlx::any::AnyRow]) -> StoreResult<Vec<(String, Priority, M
         .collect()
 }
 
-/// Claims one message inside the caller's transaction.
-async fn claim_one(
-    tx: &mut AnyConnection,
-    id: &str,
-    owner: &str,
-    now: Millis,
-    lease_until: Millis,
-) -> StoreResult<Option<Claim>> {
-    {
-        let taken = sqlx::query(&format!(
-            "UPDATE messages SET lease_until = $2, lease_owner = $3, updated_at = $4, status = 'sending' \
-             WHERE id = $1 AND status IN {NOT_FINAL} AND next_attempt_at <= $4 \
-             AND (lease_until IS NULL OR lease_until < $4) RETURNING {}, mime, mail_from",
-            rows::MESSAGE_COLUMNS
-        ))
-        .bind(id)
-        .bind(lease_until)
-        .bind(owner)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = taken else {
-            return Ok(None);
-        };
-        let due = sqlx::query(&format!(
-            "UPDATE recipients SET status = 'sending', updated_at = $2 \
-             WHERE message_id = $1 AND status IN {NOT_FINAL} AND next_attempt_at <= $2 \
-             RETURNING {}",
-            rows::RECIPIENT_COLUMNS
-        ))
-        .bind(id)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        if due.is_empty() {
-            recompute_message(tx, id, now, true).await?;
-            return Ok(None);
+impl SqlStore {
+    /// Leases every due message among `ids` (one UPDATE per chunk); returns
+    /// the rows taken.
+    async fn lease_messages(
+        tx: &mut AnyConnection,
+        ids: &[&str],
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+    ) -> StoreResult<Vec<(MessageRecord, Option<String>, String)>> {
+        let mut taken = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(batch::rows_per_chunk(1)) {
+            let sql = format!(
+                "UPDATE messages SET lease_until = $1, lease_owner = $2, updated_at = $3, status = 'sending' \
+                 WHERE id IN ({}) AND status IN {NOT_FINAL} AND next_attempt_at <= $3 \
+                 AND (lease_until IS NULL OR lease_until < $3) RETURNING {}, mime, mail_from",
+                batch::list(chunk.len(), 4),
+                rows::MESSAGE_COLUMNS
+            );
+            let mut query = batch::query(&sql, chunk.len())
+                .bind(lease_until)
+                .bind(owner)
+                .bind(now);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                taken.push((
+                    rows::message(&row)?,
+                    row.try_get("mime")?,
+                    row.try_get("mail_from")?,
+                ));
+            }
         }
-        let mime: Option<String> = row.try_get("mime")?;
-        let claim = Claim {
-            message: rows::message(&row)?,
-            mime: mime.ok_or_else(|| StoreError::Corrupt(format!("message {id} has no MIME")))?,
-            mail_from: row.try_get("mail_from")?,
-            recipients: due
-                .iter()
-                .map(rows::recipient)
-                .collect::<StoreResult<_>>()?,
-        };
-        Ok(Some(claim))
+        Ok(taken)
+    }
+
+    /// Marks the due recipients of leased messages `sending`; returns them
+    /// by message, in recipient order.
+    async fn take_recipients(
+        tx: &mut AnyConnection,
+        ids: &[&str],
+        now: Millis,
+    ) -> StoreResult<HashMap<String, Vec<RecipientRecord>>> {
+        let mut by_message: HashMap<String, Vec<RecipientRecord>> = HashMap::new();
+        for chunk in ids.chunks(batch::rows_per_chunk(1)) {
+            let sql = format!(
+                "UPDATE recipients SET status = 'sending', updated_at = $1 \
+                 WHERE message_id IN ({}) AND status IN {NOT_FINAL} AND next_attempt_at <= $1 \
+                 RETURNING message_id, {}",
+                batch::list(chunk.len(), 2),
+                rows::RECIPIENT_COLUMNS
+            );
+            let mut query = batch::query(&sql, chunk.len()).bind(now);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                by_message
+                    .entry(row.try_get("message_id")?)
+                    .or_default()
+                    .push(rows::recipient(&row)?);
+            }
+        }
+        for list in by_message.values_mut() {
+            list.sort_by_key(|r| r.idx);
+        }
+        Ok(by_message)
     }
 }
 
-/// Records one report inside the caller's transaction.
-async fn record_one(
-    tx: &mut AnyConnection,
-    report: &DeliveryReport,
-    subscriptions: &[Subscription],
-) -> StoreResult<RecordResult> {
-    {
-        let now = report.now;
-        let key_id = &report.key_id;
-        let tags = serde_json::json!(report.tags);
-        let metadata = &report.metadata;
-        for r in &report.results {
+/// A recipient's new state, as bound into the multi-row UPDATE.
+const RECIPIENT_UPDATE_COLS: usize = 10;
+
+async fn update_recipients(tx: &mut AnyConnection, reports: &[DeliveryReport]) -> StoreResult<()> {
+    let rows: Vec<(&DeliveryReport, &RecipientResult)> = reports
+        .iter()
+        .flat_map(|rep| rep.results.iter().map(move |r| (rep, r)))
+        .collect();
+    for chunk in rows.chunks(batch::rows_per_chunk(RECIPIENT_UPDATE_COLS)) {
+        let sql = format!(
+            "UPDATE recipients SET status = v.column3, attempts = attempts + v.column4, \
+             next_attempt_at = v.column5, smtp_code = COALESCE(v.column6, smtp_code), \
+             enhanced_code = COALESCE(v.column7, enhanced_code), response = COALESCE(v.column8, response), \
+             canceled_reason = v.column9, updated_at = v.column10 \
+             FROM (VALUES {}) AS v WHERE recipients.message_id = v.column1 AND recipients.idx = v.column2",
+            batch::values(chunk.len(), RECIPIENT_UPDATE_COLS, 1)
+        );
+        let mut query = batch::query(&sql, chunk.len());
+        for (report, r) in chunk {
             let last = r.attempts.last();
-            let updated = sqlx::query(
-                "UPDATE recipients SET status = $3, attempts = attempts + $4, next_attempt_at = $5, \
-                 smtp_code = COALESCE($6, smtp_code), enhanced_code = COALESCE($7, enhanced_code), \
-                 response = COALESCE($8, response), canceled_reason = $9, updated_at = $10 \
-                 WHERE message_id = $1 AND idx = $2 RETURNING attempts",
-            )
-            .bind(&report.message_id)
-            .bind(r.idx)
-            .bind(r.status.as_str())
-            .bind(i64::from(!r.attempts.is_empty()))
-            .bind(r.next_attempt_at)
-            .bind(last.and_then(|a| a.smtp_code).map(i64::from))
-            .bind(last.and_then(|a| a.enhanced_code.clone()))
-            .bind(last.map(|a| a.response.clone()))
-            .bind(r.reason.as_deref())
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await?;
-            let attempt_number: i64 = updated.try_get("attempts")?;
-            for a in &r.attempts {
-                sqlx::query(
-                    "INSERT INTO attempts (message_id, recipient_idx, recipient, at, relay, outcome, \
-                     smtp_code, enhanced_code, response, duration_ms) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
-                )
+            query = query
+                .bind(&report.message_id)
+                .bind(r.idx)
+                .bind(r.status.as_str())
+                .bind(i64::from(!r.attempts.is_empty()))
+                .bind(r.next_attempt_at)
+                .bind(last.and_then(|a| a.smtp_code).map(i64::from))
+                .bind(last.and_then(|a| a.enhanced_code.clone()))
+                .bind(last.map(|a| a.response.clone()))
+                .bind(r.reason.as_deref())
+                .bind(report.now);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+async fn insert_attempts(tx: &mut AnyConnection, reports: &[DeliveryReport]) -> StoreResult<()> {
+    let rows: Vec<(&DeliveryReport, &RecipientResult, &Attempt)> = reports
+        .iter()
+        .flat_map(|rep| {
+            rep.results
+                .iter()
+                .flat_map(move |r| r.attempts.iter().map(move |a| (rep, r, a)))
+        })
+        .collect();
+    for chunk in rows.chunks(batch::rows_per_chunk(10)) {
+        let sql = format!(
+            "INSERT INTO attempts (message_id, recipient_idx, recipient, at, relay, outcome, \
+             smtp_code, enhanced_code, response, duration_ms) VALUES {}",
+            batch::values(chunk.len(), 10, 1)
+        );
+        let mut query = batch::query(&sql, chunk.len());
+        for (report, r, a) in chunk {
+            query = query
                 .bind(&report.message_id)
                 .bind(r.idx)
                 .bind(&r.email)
-                .bind(now - a.duration_ms)
+                .bind(report.now - a.duration_ms)
                 .bind(&a.relay)
                 .bind(outcome_name(&a.outcome))
                 .bind(a.smtp_code.map(i64::from))
                 .bind(&a.enhanced_code)
                 .bind(&a.response)
-                .bind(a.duration_ms)
-                .execute(&mut *tx)
-                .await?;
-            }
-            if r.suppress {
-                sqlx::query(
-                    "INSERT INTO suppressions (email, reason, source, message_id, created_at) \
-                     VALUES ($1, $2, 'bounce', $3, $4) ON CONFLICT (email) DO NOTHING",
-                )
-                .bind(r.email.to_lowercase())
-                .bind(last.map_or("hard bounce".to_string(), |a| {
-                    format!("hard bounce: {}", a.response)
-                }))
-                .bind(&report.message_id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
+                .bind(a.duration_ms);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+async fn add_suppressions(tx: &mut AnyConnection, report: &DeliveryReport) -> StoreResult<()> {
+    for r in report.results.iter().filter(|r| r.suppress) {
+        let reason = r.attempts.last().map_or("hard bounce".to_string(), |a| {
+            format!("hard bounce: {}", a.response)
+        });
+        sqlx::query(
+            "INSERT INTO suppressions (email, reason, source, message_id, created_at) \
+             VALUES ($1, $2, 'bounce', $3, $4) ON CONFLICT (email) DO NOTHING",
+        )
+        .bind(r.email.to_lowercase())
+        .bind(reason)
+        .bind(&report.message_id)
+        .bind(report.now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The events for a group of reports, numbered on from each message's last.
+async fn report_events(
+    tx: &mut AnyConnection,
+    reports: &[DeliveryReport],
+) -> StoreResult<Vec<PendingEvent>> {
+    let subscriptions = subscriptions(tx).await?;
+    let ids: Vec<&str> = reports.iter().map(|r| r.message_id.as_str()).collect();
+    let mut sequences = last_sequences(tx, &ids).await?;
+    let mut events = Vec::new();
+    for report in reports {
+        let tags = serde_json::json!(report.tags);
+        for r in &report.results {
             let event = MessageEvent {
                 message_id: &report.message_id,
-                key_id,
+                key_id: &report.key_id,
                 recipient: &r.email,
                 status: r.status,
-                attempt: last,
-                attempt_number,
+                attempt: r.attempts.last(),
+                attempt_number: r.prior_attempts + i64::from(!r.attempts.is_empty()),
                 tags: &tags,
-                metadata,
+                metadata: &report.metadata,
                 reason: r.reason.as_deref(),
                 superseded_by: None,
             };
-            insert_message_event(&mut *tx, event, now, Some(subscriptions)).await?;
+            events.extend(message_event(
+                event,
+                &mut sequences,
+                &subscriptions,
+                report.now,
+            ));
         }
-        let (status, next) = recompute_message(tx, &report.message_id, now, report.redact).await?;
-        Ok(RecordResult {
-            status,
-            priority: report.priority,
-            next_attempt_at: next,
-        })
     }
+    Ok(events)
 }
 
 #[async_trait]
@@ -183,12 +244,44 @@ impl DeliveryStore for SqlStore {
         now: Millis,
         lease_until: Millis,
     ) -> StoreResult<Vec<Claim>> {
+        let mut ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        // One lock order for every claimer.
+        ids.sort_unstable();
+        ids.dedup();
         let mut tx = self.pool.begin().await?;
-        let mut claims = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(claim) = claim_one(&mut tx, id, owner, now, lease_until).await? {
-                claims.push(claim);
+        if self.backend == Backend::Postgres {
+            // A lease need not survive a crash (a lost one only means the
+            // message is claimed again), so its commit skips the WAL flush;
+            // the durable commit of the outcome flushes it anyway.
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let taken = Self::lease_messages(&mut tx, &ids, owner, now, lease_until).await?;
+        let taken_ids: Vec<&str> = taken.iter().map(|(m, _, _)| m.id.as_str()).collect();
+        let mut recipients = Self::take_recipients(&mut tx, &taken_ids, now).await?;
+        let mut claims = Vec::with_capacity(taken.len());
+        let mut nothing_due = Vec::new();
+        for (message, mime, mail_from) in taken {
+            match recipients.remove(&message.id) {
+                Some(due) => {
+                    let mime = mime.ok_or_else(|| {
+                        StoreError::Corrupt(format!("message {} has no MIME", message.id))
+                    })?;
+                    claims.push(Claim {
+                        message,
+                        mime,
+                        mail_from,
+                        recipients: due,
+                    });
+                }
+                None => nothing_due.push(message.id),
             }
+        }
+        if !nothing_due.is_empty() {
+            let release: Vec<(&str, bool)> =
+                nothing_due.iter().map(|id| (id.as_str(), true)).collect();
+            recompute_messages(&mut tx, &release, now).await?;
         }
         tx.commit().await?;
         Ok(claims)
@@ -196,13 +289,33 @@ impl DeliveryStore for SqlStore {
 
     async fn record_many(&self, reports: &[DeliveryReport]) -> StoreResult<Vec<RecordResult>> {
         let mut tx = self.pool.begin().await?;
-        let subscriptions = subscriptions(&mut tx).await?;
-        let mut results = Vec::with_capacity(reports.len());
+        update_recipients(&mut tx, reports).await?;
+        insert_attempts(&mut tx, reports).await?;
         for report in reports {
-            results.push(record_one(&mut tx, report, &subscriptions).await?);
+            add_suppressions(&mut tx, report).await?;
         }
+        let events = report_events(&mut tx, reports).await?;
+        write_events(&mut tx, &events).await?;
+        let now = reports.iter().map(|r| r.now).max().unwrap_or(0);
+        let flags: Vec<(&str, bool)> = reports
+            .iter()
+            .map(|r| (r.message_id.as_str(), r.redact))
+            .collect();
+        let mut done = recompute_messages(&mut tx, &flags, now).await?;
         tx.commit().await?;
-        Ok(results)
+        reports
+            .iter()
+            .map(|r| {
+                let (status, next_attempt_at) = done.remove(&r.message_id).ok_or_else(|| {
+                    StoreError::Corrupt(format!("message {} has no recipients", r.message_id))
+                })?;
+                Ok(RecordResult {
+                    status,
+                    priority: r.priority,
+                    next_attempt_at,
+                })
+            })
+            .collect()
     }
 
     async fn sweep(
@@ -285,19 +398,24 @@ impl DeliveryStore for SqlStore {
     }
 
     async fn suppressed(&self, emails: &[String]) -> StoreResult<Vec<String>> {
-        if emails.is_empty() {
-            return Ok(Vec::new());
+        let mut lower: Vec<String> = emails.iter().map(|e| e.to_lowercase()).collect();
+        lower.sort_unstable();
+        lower.dedup();
+        let mut found = Vec::new();
+        for chunk in lower.chunks(batch::rows_per_chunk(1)) {
+            let sql = format!(
+                "SELECT email FROM suppressions WHERE email IN ({})",
+                batch::list(chunk.len(), 1)
+            );
+            let mut query = batch::query(&sql, chunk.len());
+            for e in chunk {
+                query = query.bind(e);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                found.push(row.try_get("email")?);
+            }
         }
-        let placeholders = (1..=emails.len())
-            .map(|i| format!("${i}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let sql = format!("SELECT email FROM suppressions WHERE email IN ({placeholders})");
-        let mut query = sqlx::query_scalar::<_, String>(&sql);
-        for e in emails {
-            query = query.bind(e.to_lowercase());
-        }
-        Ok(query.fetch_all(&self.pool).await?)
+        Ok(found)
     }
 
     async fn queue_stats(&self, now: Millis) -> StoreResult<QueueStats> {

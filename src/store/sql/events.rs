@@ -2,11 +2,13 @@
 //! changes a status, together with one pending webhook delivery per
 //! subscribed endpoint, so neither can be lost or written alone.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use sqlx::{AnyConnection, Row};
 
-use super::{rows, SqlStore};
+use super::{batch, rows, SqlStore};
 use crate::domain::{format_ms, new_id, Attempt, Millis, Status};
 use crate::store::{EventFilter, EventRecord, EventStore, StoreResult};
 
@@ -42,24 +44,41 @@ fn subscribed(events: &str, event_type: &str) -> bool {
     events == "*" || events.contains(&format!(",{event_type},"))
 }
 
-/// Writes the event for a status change (if the status is announced).
-/// `subscriptions`: the enabled endpoints if the caller already read them.
-pub async fn insert_message_event(
+/// The last per-message event sequence of each message (0 if none yet).
+pub async fn last_sequences(
     conn: &mut AnyConnection,
+    message_ids: &[&str],
+) -> StoreResult<HashMap<String, i64>> {
+    let mut out = HashMap::with_capacity(message_ids.len());
+    for chunk in message_ids.chunks(batch::rows_per_chunk(1)) {
+        let sql = format!(
+            "SELECT message_id, MAX(message_seq) AS s FROM events WHERE message_id IN ({}) \
+             GROUP BY message_id",
+            batch::list(chunk.len(), 1)
+        );
+        let mut query = batch::query(&sql, chunk.len());
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            out.insert(row.try_get("message_id")?, row.try_get("s")?);
+        }
+    }
+    Ok(out)
+}
+
+/// Builds the event for a status change (`None` if the status is not
+/// announced). `sequences` holds each message's last sequence and is
+/// advanced.
+pub fn message_event(
     e: MessageEvent<'_>,
+    sequences: &mut HashMap<String, i64>,
+    subscriptions: &[Subscription],
     now: Millis,
-    subscriptions: Option<&[Subscription]>,
-) -> StoreResult<()> {
-    let Some(event_type) = e.status.event_type() else {
-        return Ok(());
-    };
-    let sequence: i64 = sqlx::query(
-        "SELECT COALESCE(MAX(message_seq), 0) + 1 AS s FROM events WHERE message_id = $1",
-    )
-    .bind(e.message_id)
-    .fetch_one(&mut *conn)
-    .await?
-    .try_get("s")?;
+) -> Option<PendingEvent> {
+    let event_type = e.status.event_type()?;
+    let sequence = sequences.entry(e.message_id.to_string()).or_insert(0);
+    *sequence += 1;
     let mut data = json!({
         "message_id": e.message_id,
         "recipient": e.recipient,
@@ -69,7 +88,7 @@ pub async fn insert_message_event(
         "smtp_response": e.attempt.map(|a| a.response.clone()),
         "relay": e.attempt.map(|a| a.relay.clone()),
         "attempt": e.attempt_number,
-        "sequence": sequence,
+        "sequence": *sequence,
         "tags": e.tags,
         "metadata": e.metadata,
     });
@@ -84,12 +103,11 @@ pub async fn insert_message_event(
         message_id: Some(e.message_id),
         key_id: Some(e.key_id),
         recipient: Some(e.recipient),
-        message_seq: sequence,
+        message_seq: *sequence,
         data,
         only_webhook: None,
-        subscriptions,
     };
-    insert_event(conn, event, now).await.map(|_| ())
+    Some(event.pending(subscriptions, now))
 }
 
 pub struct NewEvent<'a> {
@@ -101,61 +119,108 @@ pub struct NewEvent<'a> {
     pub data: Value,
     /// Deliver to this endpoint only (test events); otherwise to subscribers.
     pub only_webhook: Option<&'a str>,
-    /// Enabled endpoints, when the caller already read them.
-    pub subscriptions: Option<&'a [Subscription]>,
 }
 
+impl NewEvent<'_> {
+    /// The row to write, with one webhook delivery per subscribed endpoint.
+    pub fn pending(self, subscriptions: &[Subscription], now: Millis) -> PendingEvent {
+        let targets = match self.only_webhook {
+            Some(webhook) => vec![webhook.to_string()],
+            None => subscriptions
+                .iter()
+                .filter(|(_, events)| subscribed(events, self.event_type))
+                .map(|(id, _)| id.clone())
+                .collect(),
+        };
+        PendingEvent {
+            id: format!("evt_{}", new_id().replace('-', "")),
+            event_type: self.event_type.to_string(),
+            message_id: self.message_id.map(str::to_string),
+            key_id: self.key_id.map(str::to_string),
+            recipient: self.recipient.map(str::to_string),
+            message_seq: self.message_seq,
+            payload:
+                json!({"type": self.event_type, "timestamp": format_ms(now), "data": self.data})
+                    .to_string(),
+            created_at: now,
+            targets,
+        }
+    }
+}
+
+/// An event ready to be written, with the endpoints it goes to.
+pub struct PendingEvent {
+    pub id: String,
+    event_type: String,
+    message_id: Option<String>,
+    key_id: Option<String>,
+    recipient: Option<String>,
+    message_seq: i64,
+    payload: String,
+    created_at: Millis,
+    targets: Vec<String>,
+}
+
+/// Writes events and their pending webhook deliveries: one multi-row
+/// statement each (per chunk).
+pub async fn write_events(conn: &mut AnyConnection, events: &[PendingEvent]) -> StoreResult<()> {
+    for chunk in events.chunks(batch::rows_per_chunk(8)) {
+        let sql = format!(
+            "INSERT INTO events (id, type, message_id, key_id, recipient, message_seq, payload, \
+             created_at) VALUES {}",
+            batch::values(chunk.len(), 8, 1)
+        );
+        let mut query = batch::query(&sql, chunk.len());
+        for e in chunk {
+            query = query
+                .bind(&e.id)
+                .bind(&e.event_type)
+                .bind(e.message_id.as_deref())
+                .bind(e.key_id.as_deref())
+                .bind(e.recipient.as_deref())
+                .bind(e.message_seq)
+                .bind(&e.payload)
+                .bind(e.created_at);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    let deliveries: Vec<(&PendingEvent, &String)> = events
+        .iter()
+        .flat_map(|e| e.targets.iter().map(move |t| (e, t)))
+        .collect();
+    for chunk in deliveries.chunks(batch::rows_per_chunk(4)) {
+        let sql = format!(
+            "INSERT INTO webhook_deliveries (id, webhook_id, event_id, next_attempt_at, status, \
+             attempts, created_at, updated_at) SELECT v.column1, v.column2, v.column3, v.column4, \
+             'pending', 0, v.column4, v.column4 FROM (VALUES {}) AS v",
+            batch::values(chunk.len(), 4, 1)
+        );
+        let mut query = batch::query(&sql, chunk.len());
+        for (event, webhook_id) in chunk {
+            query = query
+                .bind(format!("dlv_{}", new_id().replace('-', "")))
+                .bind(webhook_id.as_str())
+                .bind(&event.id)
+                .bind(event.created_at);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Writes one event (reading the subscriptions itself); returns its id.
 pub async fn insert_event(
     conn: &mut AnyConnection,
     e: NewEvent<'_>,
     now: Millis,
 ) -> StoreResult<String> {
-    let id = format!("evt_{}", new_id().replace('-', ""));
-    let payload = json!({"type": e.event_type, "timestamp": format_ms(now), "data": e.data});
-    sqlx::query(
-        "INSERT INTO events (id, type, message_id, key_id, recipient, message_seq, payload, created_at) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
-    )
-    .bind(&id)
-    .bind(e.event_type)
-    .bind(e.message_id)
-    .bind(e.key_id)
-    .bind(e.recipient)
-    .bind(e.message_seq)
-    .bind(payload.to_string())
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    let read;
-    let subs = match (e.only_webhook, e.subscriptions) {
-        (Some(_), _) => &[][..],
-        (None, Some(subs)) => subs,
-        (None, None) => {
-            read = subscriptions(conn).await?;
-            &read[..]
-        }
+    let subs = match e.only_webhook {
+        Some(_) => Vec::new(),
+        None => subscriptions(conn).await?,
     };
-    let targets: Vec<String> = match e.only_webhook {
-        Some(webhook) => vec![webhook.to_string()],
-        None => subs
-            .iter()
-            .filter(|(_, events)| subscribed(events, e.event_type))
-            .map(|(id, _)| id.clone())
-            .collect(),
-    };
-    for webhook_id in targets {
-        sqlx::query(
-            "INSERT INTO webhook_deliveries (id, webhook_id, event_id, status, attempts, \
-             next_attempt_at, created_at, updated_at) VALUES ($1,$2,$3,'pending',0,$4,$4,$4)",
-        )
-        .bind(format!("dlv_{}", new_id().replace('-', "")))
-        .bind(&webhook_id)
-        .bind(&id)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(id)
+    let event = e.pending(&subs, now);
+    write_events(conn, std::slice::from_ref(&event)).await?;
+    Ok(event.id)
 }
 
 #[async_trait]

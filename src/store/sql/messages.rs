@@ -1,84 +1,101 @@
 //! Messages and recipients: the accept transaction (with idempotency and
 //! collapse keys), reads, lists, cancel, usage counts.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use sqlx::{AnyConnection, Row};
 
-use super::events::{insert_message_event, MessageEvent};
-use super::{rows, to_json, SqlStore};
+use super::events::{last_sequences, message_event, subscriptions, write_events, MessageEvent};
+use super::{batch, rows, to_json, SqlStore};
 use crate::domain::{Millis, Status};
 use crate::store::records::*;
-use crate::store::{MessageStore, StoreResult};
+use crate::store::{MessageStore, StoreError, StoreResult};
 
 const WAITING: &str = "('scheduled','queued','deferred')";
 
+/// Columns bound per message row.
+const MESSAGE_INSERT_COLS: usize = 24;
+/// Columns bound per recipient row.
+const RECIPIENT_INSERT_COLS: usize = 9;
+
 impl SqlStore {
-    async fn insert_message(
+    /// Inserts messages and their recipients: one multi-row statement per
+    /// table (per chunk), whatever the group size.
+    async fn insert_messages(
         &self,
         conn: &mut AnyConnection,
-        m: &NewMessage,
+        batch_of: &[&NewMessage],
         now: Millis,
     ) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO messages (id, key_id, mode, status, priority, from_addr, mail_from, subject, \
-             template, template_version, locale, tags, metadata, message_id_header, mime, mime_redacted, \
-             size_bytes, send_at, expires_at, collapse_key, next_attempt_at, enqueued_at, created_at, updated_at) \
-             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$22,$22)",
-        )
-        .bind(&m.id)
-        .bind(&m.key_id)
-        .bind(m.mode.as_str())
-        .bind(m.status.as_str())
-        .bind(m.priority.as_str())
-        .bind(&m.from_addr)
-        .bind(&m.mail_from)
-        .bind(&m.subject)
-        .bind(&m.template)
-        .bind(m.template_version)
-        .bind(&m.locale)
-        .bind(to_json(&m.tags))
-        .bind(m.metadata.to_string())
-        .bind(&m.message_id_header)
-        .bind(&m.mime)
-        .bind(&m.mime_redacted)
-        .bind(m.mime.len() as i64)
-        .bind(m.send_at)
-        .bind(m.expires_at)
-        .bind(&m.collapse_key)
-        .bind(m.next_attempt_at)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-        let mut sql = String::from(
-            "INSERT INTO recipients (message_id, idx, kind, address, email, status, attempts, \
-             next_attempt_at, updated_at) VALUES ",
-        );
-        for i in 0..m.recipients.len() {
-            let b = i * 4;
-            if i > 0 {
-                sql.push(',');
+        for chunk in batch_of.chunks(batch::rows_per_chunk(MESSAGE_INSERT_COLS)) {
+            let sql = format!(
+                "INSERT INTO messages (id, key_id, mode, status, priority, from_addr, mail_from, subject, \
+                 template, template_version, locale, tags, metadata, message_id_header, mime, mime_redacted, \
+                 size_bytes, send_at, expires_at, collapse_key, next_attempt_at, enqueued_at, created_at, \
+                 updated_at) VALUES {}",
+                batch::values(chunk.len(), MESSAGE_INSERT_COLS, 1)
+            );
+            let mut query = batch::query(&sql, chunk.len());
+            for m in chunk {
+                query = query
+                    .bind(&m.id)
+                    .bind(&m.key_id)
+                    .bind(m.mode.as_str())
+                    .bind(m.status.as_str())
+                    .bind(m.priority.as_str())
+                    .bind(&m.from_addr)
+                    .bind(&m.mail_from)
+                    .bind(&m.subject)
+                    .bind(&m.template)
+                    .bind(m.template_version)
+                    .bind(&m.locale)
+                    .bind(to_json(&m.tags))
+                    .bind(m.metadata.to_string())
+                    .bind(&m.message_id_header)
+                    .bind(&m.mime)
+                    .bind(&m.mime_redacted)
+                    .bind(m.mime.len() as i64)
+                    .bind(m.send_at)
+                    .bind(m.expires_at)
+                    .bind(&m.collapse_key)
+                    .bind(m.next_attempt_at)
+                    .bind(now)
+                    .bind(now)
+                    .bind(now);
             }
-            sql.push_str(&format!(
-                "($1,${},${},${},${},$2,0,$3,$4)",
-                b + 5,
-                b + 6,
-                b + 7,
-                b + 8
-            ));
+            query.execute(&mut *conn).await?;
         }
-        let mut query = sqlx::query(&sql)
-            .bind(&m.id)
-            .bind(m.status.as_str())
-            .bind(m.next_attempt_at)
-            .bind(now);
-        for (i, r) in m.recipients.iter().enumerate() {
-            query = query
-                .bind(i as i64)
-                .bind(r.kind)
-                .bind(&r.address)
-                .bind(&r.email);
+        let recipients: Vec<(&NewMessage, usize, &NewRecipient)> = batch_of
+            .iter()
+            .flat_map(|m| {
+                m.recipients
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, r)| (*m, i, r))
+            })
+            .collect();
+        for chunk in recipients.chunks(batch::rows_per_chunk(RECIPIENT_INSERT_COLS)) {
+            let sql = format!(
+                "INSERT INTO recipients (message_id, idx, kind, address, email, status, attempts, \
+                 next_attempt_at, updated_at) VALUES {}",
+                batch::values(chunk.len(), RECIPIENT_INSERT_COLS, 1)
+            );
+            let mut query = batch::query(&sql, chunk.len());
+            for (m, i, r) in chunk {
+                query = query
+                    .bind(&m.id)
+                    .bind(*i as i64)
+                    .bind(r.kind)
+                    .bind(&r.address)
+                    .bind(&r.email)
+                    .bind(m.status.as_str())
+                    .bind(0_i64)
+                    .bind(m.next_attempt_at)
+                    .bind(now);
+            }
+            query.execute(&mut *conn).await?;
         }
-        query.execute(&mut *conn).await?;
         Ok(())
     }
 
@@ -172,6 +189,9 @@ pub async fn finalize_waiting(
     let key_id: String = msg.try_get("key_id")?;
     let tags = super::json_col(&msg, "tags")?;
     let metadata = super::json_col(&msg, "metadata")?;
+    let subscriptions = subscriptions(conn).await?;
+    let mut sequences = last_sequences(conn, &[message_id]).await?;
+    let mut events = Vec::with_capacity(changed.len());
     for row in &changed {
         let email: String = row.try_get("email")?;
         let attempts: i64 = row.try_get("attempts")?;
@@ -187,64 +207,101 @@ pub async fn finalize_waiting(
             reason: Some(finish.reason),
             superseded_by: finish.superseded_by,
         };
-        insert_message_event(conn, event, now, None).await?;
+        events.extend(message_event(event, &mut sequences, &subscriptions, now));
     }
+    write_events(conn, &events).await?;
     recompute_message(conn, message_id, now, true).await?;
     Ok(changed.len() as u64)
 }
 
-/// Re-derives a message's status and next due time from its recipients,
-/// releases its lease, and (when final and `redact`) drops the unredacted
-/// MIME so secret values do not outlive delivery.
+/// Re-derives one message's status and next due time from its recipients;
+/// see [`recompute_messages`].
 pub async fn recompute_message(
     conn: &mut AnyConnection,
     message_id: &str,
     now: Millis,
     redact: bool,
 ) -> StoreResult<(Status, Option<Millis>)> {
-    let found = sqlx::query("SELECT status, next_attempt_at FROM recipients WHERE message_id = $1")
-        .bind(message_id)
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut statuses = Vec::with_capacity(found.len());
-    let mut next: Option<Millis> = None;
-    for row in &found {
-        let status = rows::status(row, "status")?;
-        let due: Option<Millis> = row.try_get("next_attempt_at")?;
-        if !status.is_final() {
-            if let Some(due) = due {
-                next = Some(next.map_or(due, |n: Millis| n.min(due)));
-            }
+    let mut done = recompute_messages(conn, &[(message_id, redact)], now).await?;
+    done.remove(message_id)
+        .ok_or_else(|| StoreError::Corrupt(format!("message {message_id} has no recipients")))
+}
+
+/// Re-derives each message's status and next due time from its recipients,
+/// releases its lease, and (when final and its flag is set) drops the
+/// unredacted MIME so secret values do not outlive delivery. Two statements
+/// for the whole group.
+pub async fn recompute_messages(
+    conn: &mut AnyConnection,
+    messages: &[(&str, bool)],
+    now: Millis,
+) -> StoreResult<HashMap<String, (Status, Option<Millis>)>> {
+    let mut found: HashMap<String, (Vec<Status>, Option<Millis>)> = HashMap::new();
+    for chunk in messages.chunks(batch::rows_per_chunk(1)) {
+        let sql = format!(
+            "SELECT message_id, status, next_attempt_at FROM recipients WHERE message_id IN ({})",
+            batch::list(chunk.len(), 1)
+        );
+        let mut query = batch::query(&sql, chunk.len());
+        for (id, _) in chunk {
+            query = query.bind(*id);
         }
-        statuses.push(status);
+        for row in query.fetch_all(&mut *conn).await? {
+            let status = rows::status(&row, "status")?;
+            let due: Option<Millis> = row.try_get("next_attempt_at")?;
+            let entry = found.entry(row.try_get("message_id")?).or_default();
+            if let (false, Some(due)) = (status.is_final(), due) {
+                entry.1 = Some(entry.1.map_or(due, |n| n.min(due)));
+            }
+            entry.0.push(status);
+        }
     }
-    let status = Status::aggregate(statuses);
-    let final_redact = i64::from(status.is_final() && redact);
-    sqlx::query(
-        "UPDATE messages SET status = $2, next_attempt_at = $3, updated_at = $4, lease_until = NULL, \
-         lease_owner = NULL, mime = CASE WHEN $5 = 1 AND mime_redacted IS NOT NULL THEN NULL ELSE mime END \
-         WHERE id = $1",
-    )
-    .bind(message_id)
-    .bind(status.as_str())
-    .bind(next)
-    .bind(now)
-    .bind(final_redact)
-    .execute(&mut *conn)
-    .await?;
-    Ok((status, next))
+    let mut out = HashMap::with_capacity(found.len());
+    let mut updates = Vec::with_capacity(found.len());
+    for (id, redact) in messages {
+        let Some((statuses, next)) = found.remove(*id) else {
+            continue;
+        };
+        let status = Status::aggregate(statuses);
+        updates.push((*id, status, next, i64::from(status.is_final() && *redact)));
+        out.insert(id.to_string(), (status, next));
+    }
+    for chunk in updates.chunks(batch::rows_per_chunk(4)) {
+        let sql = format!(
+            "UPDATE messages SET status = v.column2, next_attempt_at = v.column3, updated_at = $1, \
+             lease_until = NULL, lease_owner = NULL, \
+             mime = CASE WHEN v.column4 = 1 AND mime_redacted IS NOT NULL THEN NULL ELSE mime END \
+             FROM (VALUES {}) AS v WHERE messages.id = v.column1",
+            batch::values(chunk.len(), 4, 2)
+        );
+        let mut query = batch::query(&sql, chunk.len()).bind(now);
+        for (id, status, next, redact) in chunk {
+            query = query
+                .bind(*id)
+                .bind(status.as_str())
+                .bind(*next)
+                .bind(*redact);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(out)
 }
 
 #[async_trait]
 impl MessageStore for SqlStore {
     async fn accept(&self, batch: &[NewMessage], now: Millis) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        for m in batch {
-            self.insert_message(&mut tx, m, now).await?;
+        // Messages with a collapse key go one at a time, in order, so that
+        // the newest of a group supersedes the older ones.
+        let (collapsing, plain): (Vec<&NewMessage>, Vec<&NewMessage>) =
+            batch.iter().partition(|m| m.collapse_key.is_some());
+        self.insert_messages(&mut tx, &plain, now).await?;
+        for m in collapsing {
+            self.insert_messages(&mut tx, &[m], now).await?;
             self.collapse(&mut tx, m, now).await?;
-            if let Some(idem) = &m.idempotency {
-                finish_idempotency(&mut tx, idem).await?;
-            }
+        }
+        for idem in batch.iter().filter_map(|m| m.idempotency.as_ref()) {
+            finish_idempotency(&mut tx, idem).await?;
         }
         tx.commit().await?;
         Ok(())

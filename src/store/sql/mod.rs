@@ -4,6 +4,7 @@
 //! dialect (`$n` parameters, `RETURNING`, `ON CONFLICT`, epoch-ms integers);
 //! only the migration files differ per backend.
 
+mod batch;
 mod delivery;
 mod events;
 mod keys;

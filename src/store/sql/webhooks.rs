@@ -177,7 +177,6 @@ impl WebhookStore for SqlStore {
             message_seq: 0,
             data: json!({"webhook_id": webhook_id, "message": "This is a test event from Mailroom."}),
             only_webhook: Some(webhook_id),
-            subscriptions: None,
         };
         let id = insert_event(&mut tx, event, now).await?;
         tx.commit().await?;
