@@ -100,7 +100,7 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let commits = TaskTracker::new();
         let writers = if store.backend() == "sqlite" { 1 } else { 4 };
-        let committer = Committer::start(store.clone(), writers, &commits);
+        let committer = Committer::start(store.clone(), queue.clone(), writers, &commits);
         let default_from = config
             .default_from
             .as_deref()
@@ -108,7 +108,6 @@ impl Application {
             .transpose()?;
         let sender = Sender::new(
             store.clone(),
-            queue.clone(),
             limiter.clone(),
             Arc::new(TemplateEngine::new()),
             committer,

@@ -2,7 +2,8 @@
 //! (one fsync for many messages), and every caller still gets its 202 only
 //! after its own message is committed. The channel is bounded: when the
 //! store cannot keep up, new sends get a 503 with Retry-After instead of
-//! piling up in memory.
+//! piling up in memory. After a group commits, its ids go to the queue in
+//! one call (a lost enqueue is repaired by the sweeper).
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_util::task::TaskTracker;
 
 use crate::domain::now_ms;
+use crate::queue::Queue;
 use crate::store::{NewMessage, Store, StoreError};
 
 /// Most messages committed in one transaction.
@@ -38,11 +40,16 @@ pub struct Committer {
 impl Committer {
     /// Starts `writers` commit loops; they end when every `Committer` clone
     /// is dropped and the backlog is drained.
-    pub fn start(store: Arc<dyn Store>, writers: usize, tracker: &TaskTracker) -> Committer {
+    pub fn start(
+        store: Arc<dyn Store>,
+        queue: Arc<dyn Queue>,
+        writers: usize,
+        tracker: &TaskTracker,
+    ) -> Committer {
         let (tx, rx) = mpsc::channel(BACKLOG);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..writers.max(1) {
-            tracker.spawn(writer(store.clone(), rx.clone()));
+            tracker.spawn(writer(store.clone(), queue.clone(), rx.clone()));
         }
         Committer { tx }
     }
@@ -75,7 +82,7 @@ async fn next_group(rx: &Mutex<mpsc::Receiver<Job>>) -> Option<Vec<Job>> {
     Some(group)
 }
 
-async fn writer(store: Arc<dyn Store>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+async fn writer(store: Arc<dyn Store>, queue: Arc<dyn Queue>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
     while let Some(group) = next_group(&rx).await {
         let all: Vec<NewMessage> = group.iter().flat_map(|j| j.messages.clone()).collect();
         match store.accept(&all, now_ms()).await {
@@ -83,6 +90,7 @@ async fn writer(store: Arc<dyn Store>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
                 for job in group {
                     let _ = job.done.send(Ok(()));
                 }
+                enqueue(queue.as_ref(), &all).await;
             }
             Err(e @ StoreError::Unavailable(_)) if group.len() == 1 => {
                 let _ = group.into_iter().next().map(|j| j.done.send(Err(e)));
@@ -92,8 +100,32 @@ async fn writer(store: Arc<dyn Store>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
                 tracing::debug!(error = %e, size = group.len(), "group commit failed; committing one by one");
                 for job in group {
                     let result = store.accept(&job.messages, now_ms()).await;
+                    let accepted = result.is_ok();
                     let _ = job.done.send(result);
+                    if accepted {
+                        enqueue(queue.as_ref(), &job.messages).await;
+                    }
                 }
+            }
+        }
+    }
+}
+
+/// Hands committed messages to the queue: due ones in one call, scheduled
+/// ones at their time. Failures are left to the sweeper.
+async fn enqueue(queue: &dyn Queue, messages: &[NewMessage]) {
+    let now: Vec<_> = messages
+        .iter()
+        .filter(|m| m.send_at.is_none())
+        .map(|m| (m.id.clone(), m.priority))
+        .collect();
+    if let Err(e) = queue.enqueue(&now).await {
+        tracing::warn!(error = %e, count = now.len(), "enqueue failed after commit; the sweeper will repair it");
+    }
+    for m in messages {
+        if let Some(at) = m.send_at {
+            if let Err(e) = queue.schedule(&m.id, m.priority, at).await {
+                tracing::warn!(error = %e, "schedule failed after commit; the sweeper will repair it");
             }
         }
     }

@@ -1,6 +1,6 @@
 //! Accepting mail: validate, render, compose, apply idempotency and quotas,
-//! commit (group commit), then enqueue the id. A 202 is returned only after
-//! the commit; an enqueue that fails after it is repaired by the sweeper.
+//! commit (group commit, which then enqueues the ids). A 202 is returned only
+//! after the commit; an enqueue that fails after it is repaired by the sweeper.
 
 mod commit;
 mod compose;
@@ -20,7 +20,6 @@ use crate::domain::{new_id, now_ms, Mailbox, Millis, Priority, Status};
 use crate::error::{ApiError, FieldError};
 use crate::keys::ApiKey;
 use crate::limiter::{Limiter, QuotaDecision, QuotaRequest, Reservation};
-use crate::queue::Queue;
 use crate::store::{
     IdemBegin, IdemFinish, IdemRequest, NewMessage, NewRecipient, Store, TemplateVersion,
 };
@@ -61,7 +60,6 @@ type TemplateCache = std::sync::Mutex<
 pub struct Sender {
     template_cache: TemplateCache,
     store: Arc<dyn Store>,
-    queue: Arc<dyn Queue>,
     limiter: Arc<dyn Limiter>,
     templates: Arc<TemplateEngine>,
     committer: Committer,
@@ -91,7 +89,6 @@ pub fn request_hash(body: &Value) -> String {
 impl Sender {
     pub fn new(
         store: Arc<dyn Store>,
-        queue: Arc<dyn Queue>,
         limiter: Arc<dyn Limiter>,
         templates: Arc<TemplateEngine>,
         committer: Committer,
@@ -100,7 +97,6 @@ impl Sender {
         Sender {
             template_cache: Default::default(),
             store,
-            queue,
             limiter,
             templates,
             committer,
@@ -396,32 +392,12 @@ impl Sender {
     }
 
     async fn commit(&self, messages: Vec<NewMessage>) -> Result<(), ApiError> {
-        let items: Vec<(String, Priority, Option<Millis>)> = messages
-            .iter()
-            .map(|m| (m.id.clone(), m.priority, m.send_at))
-            .collect();
         self.committer.commit(messages).await.map_err(|e| match e {
             CommitError::Busy => {
                 ApiError::Unavailable("accept queue (too many requests in flight)")
             }
             CommitError::Store(s) => ApiError::from(s),
-        })?;
-        let now: Vec<(String, Priority)> = items
-            .iter()
-            .filter(|(_, _, at)| at.is_none())
-            .map(|(id, p, _)| (id.clone(), *p))
-            .collect();
-        if let Err(e) = self.queue.enqueue(&now).await {
-            tracing::warn!(error = %e, count = now.len(), "enqueue failed after commit; the sweeper will repair it");
-        }
-        for (id, lane, at) in items {
-            if let Some(at) = at {
-                if let Err(e) = self.queue.schedule(&id, lane, at).await {
-                    tracing::warn!(error = %e, "schedule failed after commit; the sweeper will repair it");
-                }
-            }
-        }
-        Ok(())
+        })
     }
 
     /// `POST /v1/send`.

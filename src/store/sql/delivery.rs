@@ -335,12 +335,16 @@ impl DeliveryStore for SqlStore {
         .fetch_all(&self.pool)
         .await?;
         let due = due_rows(&found)?;
-        for (id, _, _) in &due {
-            sqlx::query("UPDATE messages SET enqueued_at = $2 WHERE id = $1")
-                .bind(id)
-                .bind(now)
-                .execute(&self.pool)
-                .await?;
+        for chunk in due.chunks(batch::rows_per_chunk(1)) {
+            let sql = format!(
+                "UPDATE messages SET enqueued_at = $1 WHERE id IN ({})",
+                batch::list(chunk.len(), 2)
+            );
+            let mut query = batch::query(&sql, chunk.len()).bind(now);
+            for (id, _, _) in chunk {
+                query = query.bind(id);
+            }
+            query.execute(&self.pool).await?;
         }
         Ok(due)
     }

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use sqlx::{AnyConnection, Row};
 
 use super::events::{last_sequences, message_event, subscriptions, write_events, MessageEvent};
-use super::{batch, rows, to_json, SqlStore};
+use super::{batch, rows, to_json, Backend, SqlStore};
 use crate::domain::{Millis, Status};
 use crate::store::records::*;
 use crate::store::{MessageStore, StoreError, StoreResult};
@@ -19,84 +19,148 @@ const MESSAGE_INSERT_COLS: usize = 24;
 /// Columns bound per recipient row.
 const RECIPIENT_INSERT_COLS: usize = 9;
 
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+fn messages_insert_sql(rows: usize, first: usize) -> String {
+    format!(
+        "INSERT INTO messages (id, key_id, mode, status, priority, from_addr, mail_from, subject, \
+         template, template_version, locale, tags, metadata, message_id_header, mime, mime_redacted, \
+         size_bytes, send_at, expires_at, collapse_key, next_attempt_at, enqueued_at, created_at, \
+         updated_at) VALUES {}",
+        batch::values(rows, MESSAGE_INSERT_COLS, first)
+    )
+}
+
+fn bind_messages<'q>(
+    mut query: AnyQuery<'q>,
+    messages: &[&'q NewMessage],
+    now: Millis,
+) -> AnyQuery<'q> {
+    for m in messages {
+        query = query
+            .bind(&m.id)
+            .bind(&m.key_id)
+            .bind(m.mode.as_str())
+            .bind(m.status.as_str())
+            .bind(m.priority.as_str())
+            .bind(&m.from_addr)
+            .bind(&m.mail_from)
+            .bind(&m.subject)
+            .bind(&m.template)
+            .bind(m.template_version)
+            .bind(&m.locale)
+            .bind(to_json(&m.tags))
+            .bind(m.metadata.to_string())
+            .bind(&m.message_id_header)
+            .bind(&m.mime)
+            .bind(&m.mime_redacted)
+            .bind(m.mime.len() as i64)
+            .bind(m.send_at)
+            .bind(m.expires_at)
+            .bind(&m.collapse_key)
+            .bind(m.next_attempt_at)
+            .bind(now)
+            .bind(now)
+            .bind(now);
+    }
+    query
+}
+
+/// Each recipient row with its message and position.
+type RecipientRow<'a> = (&'a NewMessage, usize, &'a NewRecipient);
+
+fn recipient_rows<'a>(messages: &[&'a NewMessage]) -> Vec<RecipientRow<'a>> {
+    messages
+        .iter()
+        .flat_map(|m| {
+            m.recipients
+                .iter()
+                .enumerate()
+                .map(move |(i, r)| (*m, i, r))
+        })
+        .collect()
+}
+
+fn recipients_insert_sql(rows: usize, first: usize) -> String {
+    format!(
+        "INSERT INTO recipients (message_id, idx, kind, address, email, status, attempts, \
+         next_attempt_at, updated_at) VALUES {}",
+        batch::values(rows, RECIPIENT_INSERT_COLS, first)
+    )
+}
+
+fn bind_recipients<'q>(
+    mut query: AnyQuery<'q>,
+    rows: &[RecipientRow<'q>],
+    now: Millis,
+) -> AnyQuery<'q> {
+    for (m, i, r) in rows {
+        query = query
+            .bind(&m.id)
+            .bind(*i as i64)
+            .bind(r.kind)
+            .bind(&r.address)
+            .bind(&r.email)
+            .bind(m.status.as_str())
+            .bind(0_i64)
+            .bind(m.next_attempt_at)
+            .bind(now);
+    }
+    query
+}
+
 impl SqlStore {
     /// Inserts messages and their recipients: one multi-row statement per
     /// table (per chunk), whatever the group size.
     async fn insert_messages(
         &self,
         conn: &mut AnyConnection,
-        batch_of: &[&NewMessage],
+        messages: &[&NewMessage],
         now: Millis,
     ) -> StoreResult<()> {
-        for chunk in batch_of.chunks(batch::rows_per_chunk(MESSAGE_INSERT_COLS)) {
-            let sql = format!(
-                "INSERT INTO messages (id, key_id, mode, status, priority, from_addr, mail_from, subject, \
-                 template, template_version, locale, tags, metadata, message_id_header, mime, mime_redacted, \
-                 size_bytes, send_at, expires_at, collapse_key, next_attempt_at, enqueued_at, created_at, \
-                 updated_at) VALUES {}",
-                batch::values(chunk.len(), MESSAGE_INSERT_COLS, 1)
-            );
-            let mut query = batch::query(&sql, chunk.len());
-            for m in chunk {
-                query = query
-                    .bind(&m.id)
-                    .bind(&m.key_id)
-                    .bind(m.mode.as_str())
-                    .bind(m.status.as_str())
-                    .bind(m.priority.as_str())
-                    .bind(&m.from_addr)
-                    .bind(&m.mail_from)
-                    .bind(&m.subject)
-                    .bind(&m.template)
-                    .bind(m.template_version)
-                    .bind(&m.locale)
-                    .bind(to_json(&m.tags))
-                    .bind(m.metadata.to_string())
-                    .bind(&m.message_id_header)
-                    .bind(&m.mime)
-                    .bind(&m.mime_redacted)
-                    .bind(m.mime.len() as i64)
-                    .bind(m.send_at)
-                    .bind(m.expires_at)
-                    .bind(&m.collapse_key)
-                    .bind(m.next_attempt_at)
-                    .bind(now)
-                    .bind(now)
-                    .bind(now);
-            }
-            query.execute(&mut *conn).await?;
+        for chunk in messages.chunks(batch::rows_per_chunk(MESSAGE_INSERT_COLS)) {
+            let sql = messages_insert_sql(chunk.len(), 1);
+            bind_messages(batch::query(&sql, chunk.len()), chunk, now)
+                .execute(&mut *conn)
+                .await?;
         }
-        let recipients: Vec<(&NewMessage, usize, &NewRecipient)> = batch_of
-            .iter()
-            .flat_map(|m| {
-                m.recipients
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, r)| (*m, i, r))
-            })
-            .collect();
-        for chunk in recipients.chunks(batch::rows_per_chunk(RECIPIENT_INSERT_COLS)) {
-            let sql = format!(
-                "INSERT INTO recipients (message_id, idx, kind, address, email, status, attempts, \
-                 next_attempt_at, updated_at) VALUES {}",
-                batch::values(chunk.len(), RECIPIENT_INSERT_COLS, 1)
-            );
-            let mut query = batch::query(&sql, chunk.len());
-            for (m, i, r) in chunk {
-                query = query
-                    .bind(&m.id)
-                    .bind(*i as i64)
-                    .bind(r.kind)
-                    .bind(&r.address)
-                    .bind(&r.email)
-                    .bind(m.status.as_str())
-                    .bind(0_i64)
-                    .bind(m.next_attempt_at)
-                    .bind(now);
-            }
-            query.execute(&mut *conn).await?;
+        let rows = recipient_rows(messages);
+        for chunk in rows.chunks(batch::rows_per_chunk(RECIPIENT_INSERT_COLS)) {
+            let sql = recipients_insert_sql(chunk.len(), 1);
+            bind_recipients(batch::query(&sql, chunk.len()), chunk, now)
+                .execute(&mut *conn)
+                .await?;
         }
         Ok(())
+    }
+
+    /// Postgres, plain messages (no collapse key, no idempotency key): both
+    /// inserts in one statement, which is its own transaction: one round
+    /// trip for the whole group. `false` if the group does not qualify.
+    async fn insert_in_one_statement(
+        &self,
+        messages: &[NewMessage],
+        now: Millis,
+    ) -> StoreResult<bool> {
+        let plain = messages
+            .iter()
+            .all(|m| m.collapse_key.is_none() && m.idempotency.is_none());
+        let rows: Vec<&NewMessage> = messages.iter().collect();
+        let recipients = recipient_rows(&rows);
+        let params = rows.len() * MESSAGE_INSERT_COLS + recipients.len() * RECIPIENT_INSERT_COLS;
+        if self.backend != Backend::Postgres || !plain || params > batch::rows_per_chunk(1) {
+            return Ok(false);
+        }
+        let sql = format!(
+            "WITH m AS ({}), r AS ({}) SELECT 1",
+            messages_insert_sql(rows.len(), 1),
+            recipients_insert_sql(recipients.len(), 1 + rows.len() * MESSAGE_INSERT_COLS)
+        );
+        let query = bind_messages(batch::query(&sql, rows.len()), &rows, now);
+        bind_recipients(query, &recipients, now)
+            .execute(&self.pool)
+            .await?;
+        Ok(true)
     }
 
     /// Cancels older waiting messages with the same key, collapse key and
@@ -290,6 +354,9 @@ pub async fn recompute_messages(
 #[async_trait]
 impl MessageStore for SqlStore {
     async fn accept(&self, batch: &[NewMessage], now: Millis) -> StoreResult<()> {
+        if self.insert_in_one_statement(batch, now).await? {
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         // Messages with a collapse key go one at a time, in order, so that
         // the newest of a group supersedes the older ones.

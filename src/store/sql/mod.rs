@@ -55,7 +55,21 @@ impl SqlStore {
             .acquire_timeout(Duration::from_secs(3))
             .idle_timeout(Duration::from_secs(300));
         let options = match backend {
-            Backend::Postgres => options.max_connections(pool_size).min_connections(0),
+            Backend::Postgres => options
+                .max_connections(pool_size)
+                .min_connections(0)
+                .after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        // MIME bodies are compressed on insert; lz4 costs a
+                        // fraction of the default pglz's CPU. Servers built
+                        // without lz4 keep their default.
+                        if let Err(e) = conn.execute("SET default_toast_compression = 'lz4'").await
+                        {
+                            tracing::debug!(error = %e, "lz4 TOAST compression unavailable");
+                        }
+                        Ok(())
+                    })
+                }),
             Backend::Sqlite => options
                 .max_connections(1)
                 .min_connections(1)
