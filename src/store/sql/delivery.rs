@@ -48,13 +48,13 @@ impl SqlStore {
         owner: &str,
         now: Millis,
         lease_until: Millis,
-    ) -> StoreResult<Vec<(MessageRecord, Option<String>, String)>> {
+    ) -> StoreResult<Vec<(MessageRecord, String)>> {
         let mut taken = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(batch::rows_per_chunk(1)) {
             let sql = format!(
                 "UPDATE messages SET lease_until = $1, lease_owner = $2, updated_at = $3, status = 'sending' \
                  WHERE id IN ({}) AND status IN {NOT_FINAL} AND next_attempt_at <= $3 \
-                 AND (lease_until IS NULL OR lease_until < $3) RETURNING {}, mime, mail_from",
+                 AND (lease_until IS NULL OR lease_until < $3) RETURNING {}, mail_from",
                 batch::list(chunk.len(), 4),
                 rows::MESSAGE_COLUMNS
             );
@@ -66,14 +66,29 @@ impl SqlStore {
                 query = query.bind(*id);
             }
             for row in query.fetch_all(&mut *tx).await? {
-                taken.push((
-                    rows::message(&row)?,
-                    row.try_get("mime")?,
-                    row.try_get("mail_from")?,
-                ));
+                taken.push((rows::message(&row)?, row.try_get("mail_from")?));
             }
         }
         Ok(taken)
+    }
+
+    /// The (unredacted) MIME of each message that still has it.
+    async fn bodies(tx: &mut AnyConnection, ids: &[&str]) -> StoreResult<HashMap<String, String>> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(batch::rows_per_chunk(1)) {
+            let sql = format!(
+                "SELECT message_id, mime FROM message_bodies WHERE mime IS NOT NULL AND message_id IN ({})",
+                batch::list(chunk.len(), 1)
+            );
+            let mut query = batch::query(&sql, chunk.len());
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                out.insert(row.try_get("message_id")?, row.try_get("mime")?);
+            }
+        }
+        Ok(out)
     }
 
     /// Marks the due recipients of leased messages `sending`; returns them
@@ -258,14 +273,15 @@ impl DeliveryStore for SqlStore {
                 .await?;
         }
         let taken = Self::lease_messages(&mut tx, &ids, owner, now, lease_until).await?;
-        let taken_ids: Vec<&str> = taken.iter().map(|(m, _, _)| m.id.as_str()).collect();
+        let taken_ids: Vec<&str> = taken.iter().map(|(m, _)| m.id.as_str()).collect();
         let mut recipients = Self::take_recipients(&mut tx, &taken_ids, now).await?;
+        let mut bodies = Self::bodies(&mut tx, &taken_ids).await?;
         let mut claims = Vec::with_capacity(taken.len());
         let mut nothing_due = Vec::new();
-        for (message, mime, mail_from) in taken {
+        for (message, mail_from) in taken {
             match recipients.remove(&message.id) {
                 Some(due) => {
-                    let mime = mime.ok_or_else(|| {
+                    let mime = bodies.remove(&message.id).ok_or_else(|| {
                         StoreError::Corrupt(format!("message {} has no MIME", message.id))
                     })?;
                     claims.push(Claim {

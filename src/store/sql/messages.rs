@@ -15,7 +15,9 @@ use crate::store::{MessageStore, StoreError, StoreResult};
 const WAITING: &str = "('scheduled','queued','deferred')";
 
 /// Columns bound per message row.
-const MESSAGE_INSERT_COLS: usize = 24;
+const MESSAGE_INSERT_COLS: usize = 22;
+/// Columns bound per body row.
+const BODY_INSERT_COLS: usize = 3;
 /// Columns bound per recipient row.
 const RECIPIENT_INSERT_COLS: usize = 9;
 
@@ -24,7 +26,7 @@ type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q
 fn messages_insert_sql(rows: usize, first: usize) -> String {
     format!(
         "INSERT INTO messages (id, key_id, mode, status, priority, from_addr, mail_from, subject, \
-         template, template_version, locale, tags, metadata, message_id_header, mime, mime_redacted, \
+         template, template_version, locale, tags, metadata, message_id_header, \
          size_bytes, send_at, expires_at, collapse_key, next_attempt_at, enqueued_at, created_at, \
          updated_at) VALUES {}",
         batch::values(rows, MESSAGE_INSERT_COLS, first)
@@ -52,8 +54,6 @@ fn bind_messages<'q>(
             .bind(to_json(&m.tags))
             .bind(m.metadata.to_string())
             .bind(&m.message_id_header)
-            .bind(&m.mime)
-            .bind(&m.mime_redacted)
             .bind(m.mime.len() as i64)
             .bind(m.send_at)
             .bind(m.expires_at)
@@ -62,6 +62,20 @@ fn bind_messages<'q>(
             .bind(now)
             .bind(now)
             .bind(now);
+    }
+    query
+}
+
+fn bodies_insert_sql(rows: usize, first: usize) -> String {
+    format!(
+        "INSERT INTO message_bodies (message_id, mime, mime_redacted) VALUES {}",
+        batch::values(rows, BODY_INSERT_COLS, first)
+    )
+}
+
+fn bind_bodies<'q>(mut query: AnyQuery<'q>, messages: &[&'q NewMessage]) -> AnyQuery<'q> {
+    for m in messages {
+        query = query.bind(&m.id).bind(&m.mime).bind(&m.mime_redacted);
     }
     query
 }
@@ -123,6 +137,10 @@ impl SqlStore {
             bind_messages(batch::query(&sql, chunk.len()), chunk, now)
                 .execute(&mut *conn)
                 .await?;
+            let sql = bodies_insert_sql(chunk.len(), 1);
+            bind_bodies(batch::query(&sql, chunk.len()), chunk)
+                .execute(&mut *conn)
+                .await?;
         }
         let rows = recipient_rows(messages);
         for chunk in rows.chunks(batch::rows_per_chunk(RECIPIENT_INSERT_COLS)) {
@@ -147,16 +165,23 @@ impl SqlStore {
             .all(|m| m.collapse_key.is_none() && m.idempotency.is_none());
         let rows: Vec<&NewMessage> = messages.iter().collect();
         let recipients = recipient_rows(&rows);
-        let params = rows.len() * MESSAGE_INSERT_COLS + recipients.len() * RECIPIENT_INSERT_COLS;
+        let params = rows.len() * (MESSAGE_INSERT_COLS + BODY_INSERT_COLS)
+            + recipients.len() * RECIPIENT_INSERT_COLS;
         if self.backend != Backend::Postgres || !plain || params > batch::rows_per_chunk(1) {
             return Ok(false);
         }
+        let bodies_from = 1 + rows.len() * MESSAGE_INSERT_COLS;
         let sql = format!(
-            "WITH m AS ({}), r AS ({}) SELECT 1",
+            "WITH m AS ({}), b AS ({}), r AS ({}) SELECT 1",
             messages_insert_sql(rows.len(), 1),
-            recipients_insert_sql(recipients.len(), 1 + rows.len() * MESSAGE_INSERT_COLS)
+            bodies_insert_sql(rows.len(), bodies_from),
+            recipients_insert_sql(
+                recipients.len(),
+                bodies_from + rows.len() * BODY_INSERT_COLS
+            )
         );
         let query = bind_messages(batch::query(&sql, rows.len()), &rows, now);
+        let query = bind_bodies(query, &rows);
         bind_recipients(query, &recipients, now)
             .execute(&self.pool)
             .await?;
@@ -327,24 +352,36 @@ pub async fn recompute_messages(
             continue;
         };
         let status = Status::aggregate(statuses);
-        updates.push((*id, status, next, i64::from(status.is_final() && *redact)));
+        updates.push((*id, status, next, status.is_final() && *redact));
         out.insert(id.to_string(), (status, next));
     }
-    for chunk in updates.chunks(batch::rows_per_chunk(4)) {
+    for chunk in updates.chunks(batch::rows_per_chunk(3)) {
         let sql = format!(
             "UPDATE messages SET status = v.column2, next_attempt_at = v.column3, updated_at = $1, \
-             lease_until = NULL, lease_owner = NULL, \
-             mime = CASE WHEN v.column4 = 1 AND mime_redacted IS NOT NULL THEN NULL ELSE mime END \
+             lease_until = NULL, lease_owner = NULL \
              FROM (VALUES {}) AS v WHERE messages.id = v.column1",
-            batch::values(chunk.len(), 4, 2)
+            batch::values(chunk.len(), 3, 2)
         );
         let mut query = batch::query(&sql, chunk.len()).bind(now);
-        for (id, status, next, redact) in chunk {
-            query = query
-                .bind(*id)
-                .bind(status.as_str())
-                .bind(*next)
-                .bind(*redact);
+        for (id, status, next, _) in chunk {
+            query = query.bind(*id).bind(status.as_str()).bind(*next);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    let redact: Vec<&str> = updates
+        .iter()
+        .filter(|(_, _, _, redact)| *redact)
+        .map(|(id, ..)| *id)
+        .collect();
+    for chunk in redact.chunks(batch::rows_per_chunk(1)) {
+        let sql = format!(
+            "UPDATE message_bodies SET mime = NULL WHERE mime_redacted IS NOT NULL \
+             AND mime IS NOT NULL AND message_id IN ({})",
+            batch::list(chunk.len(), 1)
+        );
+        let mut query = batch::query(&sql, chunk.len());
+        for id in chunk {
+            query = query.bind(*id);
         }
         query.execute(&mut *conn).await?;
     }
@@ -433,10 +470,11 @@ impl MessageStore for SqlStore {
     }
 
     async fn raw_mime(&self, id: &str) -> StoreResult<Option<RawMime>> {
-        let row = sqlx::query("SELECT mime, mime_redacted FROM messages WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT mime, mime_redacted FROM message_bodies WHERE message_id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
         let Some(row) = row else { return Ok(None) };
         let mime: Option<String> = row.try_get("mime")?;
         let redacted: Option<String> = row.try_get("mime_redacted")?;
