@@ -84,26 +84,38 @@ async fn next_group(rx: &Mutex<mpsc::Receiver<Job>>) -> Option<Vec<Job>> {
 
 async fn writer(store: Arc<dyn Store>, queue: Arc<dyn Queue>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
     while let Some(group) = next_group(&rx).await {
-        let all: Vec<NewMessage> = group.iter().flat_map(|j| j.messages.clone()).collect();
+        // Move the messages out of their jobs (MIME bodies are not copied),
+        // remembering which range belongs to which caller.
+        let mut all: Vec<NewMessage> = Vec::new();
+        let mut callers = Vec::with_capacity(group.len());
+        for job in group {
+            let start = all.len();
+            all.extend(job.messages);
+            callers.push((start..all.len(), job.done));
+        }
         match store.accept(&all, now_ms()).await {
             Ok(()) => {
-                for job in group {
-                    let _ = job.done.send(Ok(()));
+                for (_, done) in callers {
+                    let _ = done.send(Ok(()));
                 }
                 enqueue(queue.as_ref(), &all).await;
             }
-            Err(e @ StoreError::Unavailable(_)) if group.len() == 1 => {
-                let _ = group.into_iter().next().map(|j| j.done.send(Err(e)));
+            Err(e @ StoreError::Unavailable(_)) if callers.len() == 1 => {
+                let _ = callers
+                    .into_iter()
+                    .next()
+                    .map(|(_, done)| done.send(Err(e)));
             }
             Err(e) => {
                 // One bad request must not fail its neighbours: commit alone.
-                tracing::debug!(error = %e, size = group.len(), "group commit failed; committing one by one");
-                for job in group {
-                    let result = store.accept(&job.messages, now_ms()).await;
+                tracing::debug!(error = %e, size = callers.len(), "group commit failed; committing one by one");
+                for (range, done) in callers {
+                    let mine = &all[range];
+                    let result = store.accept(mine, now_ms()).await;
                     let accepted = result.is_ok();
-                    let _ = job.done.send(result);
+                    let _ = done.send(result);
                     if accepted {
-                        enqueue(queue.as_ref(), &job.messages).await;
+                        enqueue(queue.as_ref(), mine).await;
                     }
                 }
             }
