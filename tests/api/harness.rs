@@ -334,7 +334,8 @@ pub struct Smtp {
     pub port: u16,
     control: u16,
     pub certdir: PathBuf,
-    _proc: Proc,
+    args: Vec<String>,
+    proc: Option<Proc>,
 }
 
 impl Smtp {
@@ -346,34 +347,42 @@ impl Smtp {
         let port = free_port();
         let control = free_port();
         let certdir = temp_dir("certs");
-        let mut cmd = Command::new("python3");
-        cmd.arg(support("smtp_server.py"))
-            .args([
-                "--port",
-                &port.to_string(),
-                "--control-port",
-                &control.to_string(),
-            ])
-            .args([
-                "--tls",
-                match tls {
-                    Tls::None => "none",
-                    Tls::Starttls => "starttls",
-                    Tls::Implicit => "implicit",
-                },
-            ])
-            .arg("--certdir")
-            .arg(&certdir);
+        let mut args: Vec<String> = vec![
+            "--port".into(),
+            port.to_string(),
+            "--control-port".into(),
+            control.to_string(),
+            "--tls".into(),
+            match tls {
+                Tls::None => "none",
+                Tls::Starttls => "starttls",
+                Tls::Implicit => "implicit",
+            }
+            .into(),
+            "--certdir".into(),
+            certdir.display().to_string(),
+        ];
         if let Some(auth) = auth {
-            cmd.args(["--auth", auth]);
+            args.extend(["--auth".to_string(), auth.to_string()]);
         }
-        let proc = spawn_ready(&mut cmd, "smtp server");
-        Smtp {
+        let mut smtp = Smtp {
             port,
             control,
             certdir,
-            _proc: proc,
-        }
+            args,
+            proc: None,
+        };
+        smtp.restart();
+        smtp
+    }
+
+    /// Stops the server (if running) and starts it again on the same ports;
+    /// connections to the old process are cut.
+    pub fn restart(&mut self) {
+        self.proc = None;
+        let mut cmd = Command::new("python3");
+        cmd.arg(support("smtp_server.py")).args(&self.args);
+        self.proc = Some(spawn_ready(&mut cmd, "smtp server"));
     }
 
     /// Relay URL for Mailroom.

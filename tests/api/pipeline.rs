@@ -20,6 +20,26 @@ on_both_stacks!(
     fails_over_from_dead_relay,
 );
 
+/// A pooled SMTP connection that the relay closed (here: the server was
+/// restarted) is replaced before the next hand-off: the next message is
+/// delivered on its first attempt, with no transient failure recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_restart_is_invisible_to_the_next_message() {
+    let env = Env::new(Stack::Embedded).await;
+    let mut smtp = Smtp::start();
+    let app = TestApp::start(&env, Some(smtp.relay())).await;
+    let first = app.api.send(code_to("before@example.com")).await;
+    app.api.wait_status(&first, "delivered").await;
+    smtp.restart();
+    let second = app.api.send(code_to("after@example.com")).await;
+    let m = app.api.wait_status(&second, "delivered").await;
+    let attempts = m["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "one attempt: {attempts:?}");
+    assert_eq!(attempts[0]["outcome"], "delivered");
+    smtp.wait_for("after@example.com").await;
+    app.stop().await;
+}
+
 async fn builtin_templates_in_two_languages(stack: Stack) {
     let (_env, smtp, app) = app_with_smtp(stack).await;
     let en = app
