@@ -78,7 +78,7 @@ async fn signed_and_retried_with_one_id(stack: Stack) {
         "no secret variables in events"
     );
     let deliveries = eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the delivery to be recorded as succeeded",
         || async {
             let d = app
@@ -111,7 +111,7 @@ async fn signed_and_retried_with_one_id(stack: Stack) {
             .status,
         202
     );
-    eventually(Duration::from_secs(10), "the replay", || async {
+    eventually(Duration::from_secs(30), "the replay", || async {
         (receiver.received().await.len() >= 4).then_some(())
     })
     .await;
@@ -124,7 +124,7 @@ async fn signed_and_retried_with_one_id(stack: Stack) {
             .status,
         202
     );
-    eventually(Duration::from_secs(10), "the test event", || async {
+    eventually(Duration::from_secs(30), "the test event", || async {
         receiver
             .received()
             .await
@@ -267,7 +267,7 @@ async fn event_feed_pages_without_loss(stack: Stack) {
         app.api.wait_status(id, "delivered").await;
     }
     let seen = eventually(
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         "five events in the feed",
         || async {
             let mut seen = Vec::new();
