@@ -2,9 +2,9 @@
 //! `IN (…)`, in chunks that stay under both backends' parameter limits, so a
 //! group of messages costs one round trip per statement, not one per row.
 
-use sqlx::any::AnyArguments;
+use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::query::Query;
-use sqlx::Any;
+use sqlx::{Any, AnyConnection};
 
 /// Most bind parameters per statement (SQLite allows 32,766, Postgres 65,535).
 const MAX_PARAMS: usize = 30_000;
@@ -50,6 +50,25 @@ pub fn list(n: usize, first: usize) -> String {
 /// A query whose text depends on `rows`; prepared and cached only when small.
 pub fn query(sql: &str, rows: usize) -> Query<'_, Any, AnyArguments<'_>> {
     sqlx::query(sql).persistent(rows <= CACHED_ROWS)
+}
+
+/// Runs `sql`, whose `IN (…)` list is written `{keys}`, for every key (in
+/// chunks); the keys are the statement's only parameters. Returns all rows.
+pub async fn select_in(
+    conn: &mut AnyConnection,
+    sql: &str,
+    keys: &[&str],
+) -> Result<Vec<AnyRow>, sqlx::Error> {
+    let mut rows = Vec::new();
+    for chunk in keys.chunks(rows_per_chunk(1)) {
+        let text = sql.replace("{keys}", &list(chunk.len(), 1));
+        let mut q = query(&text, chunk.len());
+        for key in chunk {
+            q = q.bind(*key);
+        }
+        rows.extend(q.fetch_all(&mut *conn).await?);
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

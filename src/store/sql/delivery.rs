@@ -74,19 +74,16 @@ impl SqlStore {
 
     /// The (unredacted) MIME of each message that still has it.
     async fn bodies(tx: &mut AnyConnection, ids: &[&str]) -> StoreResult<HashMap<String, String>> {
+        let rows = batch::select_in(
+            tx,
+            "SELECT message_id, mime FROM message_bodies WHERE mime IS NOT NULL \
+             AND message_id IN ({keys})",
+            ids,
+        )
+        .await?;
         let mut out = HashMap::with_capacity(ids.len());
-        for chunk in ids.chunks(batch::rows_per_chunk(1)) {
-            let sql = format!(
-                "SELECT message_id, mime FROM message_bodies WHERE mime IS NOT NULL AND message_id IN ({})",
-                batch::list(chunk.len(), 1)
-            );
-            let mut query = batch::query(&sql, chunk.len());
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(&mut *tx).await? {
-                out.insert(row.try_get("message_id")?, row.try_get("mime")?);
-            }
+        for row in rows {
+            out.insert(row.try_get("message_id")?, row.try_get("mime")?);
         }
         Ok(out)
     }
@@ -421,21 +418,15 @@ impl DeliveryStore for SqlStore {
         let mut lower: Vec<String> = emails.iter().map(|e| e.to_lowercase()).collect();
         lower.sort_unstable();
         lower.dedup();
-        let mut found = Vec::new();
-        for chunk in lower.chunks(batch::rows_per_chunk(1)) {
-            let sql = format!(
-                "SELECT email FROM suppressions WHERE email IN ({})",
-                batch::list(chunk.len(), 1)
-            );
-            let mut query = batch::query(&sql, chunk.len());
-            for e in chunk {
-                query = query.bind(e);
-            }
-            for row in query.fetch_all(&self.pool).await? {
-                found.push(row.try_get("email")?);
-            }
-        }
-        Ok(found)
+        let keys: Vec<&str> = lower.iter().map(String::as_str).collect();
+        let mut conn = self.pool.acquire().await?;
+        let rows = batch::select_in(
+            &mut conn,
+            "SELECT email FROM suppressions WHERE email IN ({keys})",
+            &keys,
+        )
+        .await?;
+        rows.iter().map(|row| Ok(row.try_get("email")?)).collect()
     }
 
     async fn queue_stats(&self, now: Millis) -> StoreResult<QueueStats> {

@@ -49,20 +49,16 @@ pub async fn last_sequences(
     conn: &mut AnyConnection,
     message_ids: &[&str],
 ) -> StoreResult<HashMap<String, i64>> {
+    let rows = batch::select_in(
+        conn,
+        "SELECT message_id, MAX(message_seq) AS s FROM events WHERE message_id IN ({keys}) \
+         GROUP BY message_id",
+        message_ids,
+    )
+    .await?;
     let mut out = HashMap::with_capacity(message_ids.len());
-    for chunk in message_ids.chunks(batch::rows_per_chunk(1)) {
-        let sql = format!(
-            "SELECT message_id, MAX(message_seq) AS s FROM events WHERE message_id IN ({}) \
-             GROUP BY message_id",
-            batch::list(chunk.len(), 1)
-        );
-        let mut query = batch::query(&sql, chunk.len());
-        for id in chunk {
-            query = query.bind(*id);
-        }
-        for row in query.fetch_all(&mut *conn).await? {
-            out.insert(row.try_get("message_id")?, row.try_get("s")?);
-        }
+    for row in rows {
+        out.insert(row.try_get("message_id")?, row.try_get("s")?);
     }
     Ok(out)
 }

@@ -326,24 +326,21 @@ pub async fn recompute_messages(
     now: Millis,
 ) -> StoreResult<HashMap<String, (Status, Option<Millis>)>> {
     let mut found: HashMap<String, (Vec<Status>, Option<Millis>)> = HashMap::new();
-    for chunk in messages.chunks(batch::rows_per_chunk(1)) {
-        let sql = format!(
-            "SELECT message_id, status, next_attempt_at FROM recipients WHERE message_id IN ({})",
-            batch::list(chunk.len(), 1)
-        );
-        let mut query = batch::query(&sql, chunk.len());
-        for (id, _) in chunk {
-            query = query.bind(*id);
+    let ids: Vec<&str> = messages.iter().map(|(id, _)| *id).collect();
+    let statuses = batch::select_in(
+        conn,
+        "SELECT message_id, status, next_attempt_at FROM recipients WHERE message_id IN ({keys})",
+        &ids,
+    )
+    .await?;
+    for row in statuses {
+        let status = rows::status(&row, "status")?;
+        let due: Option<Millis> = row.try_get("next_attempt_at")?;
+        let entry = found.entry(row.try_get("message_id")?).or_default();
+        if let (false, Some(due)) = (status.is_final(), due) {
+            entry.1 = Some(entry.1.map_or(due, |n| n.min(due)));
         }
-        for row in query.fetch_all(&mut *conn).await? {
-            let status = rows::status(&row, "status")?;
-            let due: Option<Millis> = row.try_get("next_attempt_at")?;
-            let entry = found.entry(row.try_get("message_id")?).or_default();
-            if let (false, Some(due)) = (status.is_final(), due) {
-                entry.1 = Some(entry.1.map_or(due, |n| n.min(due)));
-            }
-            entry.0.push(status);
-        }
+        entry.0.push(status);
     }
     let mut out = HashMap::with_capacity(found.len());
     let mut updates = Vec::with_capacity(found.len());
