@@ -21,7 +21,6 @@ use crate::metrics::Metrics;
 use crate::store::{Store, WebhookJob, WebhookResult};
 
 const POLL: Duration = Duration::from_millis(200);
-const LEASE: Duration = Duration::from_secs(60);
 const BATCH: i64 = 64;
 const MAX_BODY: usize = 4096;
 const MAX_RETRY_AFTER: i64 = 24 * 3_600_000;
@@ -32,6 +31,9 @@ pub struct Dispatcher {
     schedule: RetrySchedule,
     allow_private: bool,
     disable_after: Duration,
+    /// How long a claimed delivery belongs to this process: twice the
+    /// request timeout (a crash delays its pending deliveries this much).
+    lease: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -63,6 +65,7 @@ impl Dispatcher {
             schedule,
             allow_private,
             disable_after,
+            lease: timeout * 2,
             metrics,
         })
     }
@@ -73,7 +76,7 @@ impl Dispatcher {
             let now = now_ms();
             let jobs = match self
                 .store
-                .claim_webhook_jobs(now, now + LEASE.as_millis() as i64, BATCH)
+                .claim_webhook_jobs(now, now + self.lease.as_millis() as i64, BATCH)
                 .await
             {
                 Ok(jobs) => jobs,

@@ -326,8 +326,10 @@ async fn events_survive_a_sigkill_of_mailroom() {
         app.kill9();
         receiver.start_again_verifying(&[&secret]);
         app.restart(&env.data_dir).await;
+        // Deliveries the killed process had claimed wait for their lease
+        // (30 s) to lapse.
         eventually(
-            Duration::from_secs(60),
+            Duration::from_secs(120),
             "all 20 events after the restart",
             || async {
                 let got: HashSet<String> = receiver
