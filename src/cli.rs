@@ -78,6 +78,9 @@ pub struct KeyArgs {
     /// Messages per recipient address per hour
     #[arg(long)]
     pub per_recipient_hourly: Option<i64>,
+    /// IANA time zone whose days and months the quotas count in (default UTC)
+    #[arg(long)]
+    pub timezone: Option<String>,
     /// Comma-separated domains the From address must be in
     #[arg(long)]
     pub allowed_from_domains: Option<String>,

@@ -64,6 +64,19 @@ pub struct KeyLimits {
     pub daily_quota: Option<i64>,
     pub monthly_quota: Option<i64>,
     pub per_recipient_hourly: Option<i64>,
+    /// IANA time zone the daily, monthly and hourly windows follow; `None`
+    /// is UTC. Validated on input.
+    pub timezone: Option<String>,
+}
+
+impl KeyLimits {
+    /// The key's time zone (UTC when unset or unknown).
+    pub fn tz(&self) -> chrono_tz::Tz {
+        self.timezone
+            .as_deref()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(chrono_tz::UTC)
+    }
 }
 
 /// A stored key (never the secret itself).

@@ -69,6 +69,17 @@ async fn create_key(config: Config, args: KeyArgs) -> anyhow::Result<()> {
     if args.burst.is_some() && args.rate_per_second.is_none() {
         anyhow::bail!("--burst needs --rate-per-second");
     }
+    let timezone = args
+        .timezone
+        .as_deref()
+        .map(|t| {
+            t.parse::<chrono_tz::Tz>()
+                .map(|tz| tz.name().to_string())
+                .map_err(|_| {
+                    anyhow::anyhow!("--timezone must be an IANA time zone such as Europe/Berlin")
+                })
+        })
+        .transpose()?;
     let domains = args
         .allowed_from_domains
         .map(|d| {
@@ -84,6 +95,7 @@ async fn create_key(config: Config, args: KeyArgs) -> anyhow::Result<()> {
         daily_quota: args.daily_quota,
         monthly_quota: args.monthly_quota,
         per_recipient_hourly: args.per_recipient_hourly,
+        timezone,
     };
     let store = open_store(&config).await?;
     let (key, plaintext) = new_key(args.name, scopes, mode, limits, domains, now_ms());

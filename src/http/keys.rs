@@ -31,6 +31,7 @@ const FIELDS: &[&str] = &[
     "daily_quota",
     "monthly_quota",
     "per_recipient_hourly",
+    "timezone",
     "allowed_from_domains",
     "mode",
 ];
@@ -47,6 +48,7 @@ pub fn key_view(k: &ApiKey) -> Value {
         "daily_quota": k.limits.daily_quota,
         "monthly_quota": k.limits.monthly_quota,
         "per_recipient_hourly": k.limits.per_recipient_hourly,
+        "timezone": k.limits.timezone.as_deref().unwrap_or("UTC"),
         "allowed_from_domains": k.allowed_from_domains,
         "created_at": format_ms(k.created_at),
         "revoked_at": k.revoked_at.map(format_ms),
@@ -156,6 +158,20 @@ fn parse_fields(obj: &Map<String, Value>, base: &KeyLimits) -> Result<KeyFields,
             base.per_recipient_hourly,
             &mut errors,
         ),
+        timezone: match obj.get("timezone") {
+            None => base.timezone.clone(),
+            Some(Value::Null) => None,
+            Some(v) => match v.as_str().and_then(|t| t.parse::<chrono_tz::Tz>().ok()) {
+                Some(tz) => Some(tz.name().to_string()),
+                None => {
+                    errors.push(FieldError::new(
+                        "timezone",
+                        "must be an IANA time zone such as Europe/Berlin or UTC",
+                    ));
+                    None
+                }
+            },
+        },
     };
     if limits.burst.is_some() && limits.rate_per_second.is_none() {
         errors.push(FieldError::new("burst", "needs rate_per_second"));
@@ -196,6 +212,7 @@ fn parse_fields(obj: &Map<String, Value>, base: &KeyLimits) -> Result<KeyFields,
         "daily_quota",
         "monthly_quota",
         "per_recipient_hourly",
+        "timezone",
     ]
     .iter()
     .any(|f| obj.contains_key(*f));

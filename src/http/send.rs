@@ -83,7 +83,7 @@ pub fn ratelimit_headers(
             secs(d.reset_ms)
         ));
     }
-    let w = Windows::at(now_ms());
+    let w = Windows::at(now_ms(), key.limits.tz());
     if let (Some(q), Some((daily, _))) = (key.limits.daily_quota, used) {
         policies.push(format!("\"daily\";q={q};w=86400"));
         limits.push(format!(
@@ -119,7 +119,11 @@ async fn quota_used(state: &AppState, key: &ApiKey, accepted: &Accepted) -> Opti
     }
     match accepted.quota_used {
         Some(used) => Some(used),
-        None => state.limiter.used(&key.id, now_ms()).await.ok(),
+        None => state
+            .limiter
+            .used(&key.id, key.limits.tz(), now_ms())
+            .await
+            .ok(),
     }
 }
 

@@ -57,12 +57,16 @@ async fn usage(
         _ => auth.0.clone(),
     };
     let now = now_ms();
-    let today = state.store.usage(&key.id, Windows::day_start(now)).await?;
+    let tz = key.limits.tz();
+    let today = state
+        .store
+        .usage(&key.id, Windows::day_start(now, tz))
+        .await?;
     let month = state
         .store
-        .usage(&key.id, Windows::month_start(now))
+        .usage(&key.id, Windows::month_start(now, tz))
         .await?;
-    let (daily_used, monthly_used) = state.limiter.used(&key.id, now).await?;
+    let (daily_used, monthly_used) = state.limiter.used(&key.id, tz, now).await?;
     let remaining = |limit: Option<i64>, used: i64| limit.map(|l| (l - used).max(0));
     Ok(Json(json!({
         "key_id": key.id,
@@ -74,6 +78,7 @@ async fn usage(
             "daily_quota": key.limits.daily_quota,
             "monthly_quota": key.limits.monthly_quota,
             "per_recipient_hourly": key.limits.per_recipient_hourly,
+            "timezone": tz.name(),
         },
         "remaining": {
             "daily": remaining(key.limits.daily_quota, daily_used),

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
+use chrono_tz::Tz;
 
 use super::*;
 
@@ -69,7 +70,7 @@ impl Limiter for MemoryLimiter {
     }
 
     async fn reserve(&self, req: &QuotaRequest) -> Result<QuotaDecision, LimiterError> {
-        let w = Windows::at(req.now);
+        let w = Windows::at(req.now, req.tz);
         let day = format!("{}:d:{}", req.key_id, w.day);
         let month = format!("{}:m:{}", req.key_id, w.month);
         let rcpt: Vec<String> = req
@@ -125,8 +126,8 @@ impl Limiter for MemoryLimiter {
         Ok(())
     }
 
-    async fn used(&self, key_id: &str, now: Millis) -> Result<(i64, i64), LimiterError> {
-        let w = Windows::at(now);
+    async fn used(&self, key_id: &str, tz: Tz, now: Millis) -> Result<(i64, i64), LimiterError> {
+        let w = Windows::at(now, tz);
         let c = self.lock();
         Ok((
             c.get(&format!("{key_id}:d:{}", w.day), now),

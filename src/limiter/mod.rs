@@ -7,7 +7,8 @@ mod memory;
 mod redis;
 
 use async_trait::async_trait;
-use chrono::{Datelike, TimeZone, Timelike, Utc};
+use chrono::{DateTime, Datelike, Days, Months, NaiveDate, NaiveDateTime, TimeZone, Timelike, Utc};
+use chrono_tz::Tz;
 
 pub use memory::MemoryLimiter;
 pub use redis::RedisLimiter;
@@ -41,6 +42,8 @@ pub struct QuotaRequest {
     /// Distinct recipient keys (lower-case addresses).
     pub recipients: Vec<String>,
     pub now: Millis,
+    /// The key's time zone: windows are its local days, months and hours.
+    pub tz: Tz,
 }
 
 impl QuotaRequest {
@@ -111,7 +114,7 @@ pub trait Limiter: Send + Sync {
     async fn reserve(&self, req: &QuotaRequest) -> Result<QuotaDecision, LimiterError>;
     async fn release(&self, reservation: &Reservation) -> Result<(), LimiterError>;
     /// (daily, monthly) counts used so far.
-    async fn used(&self, key_id: &str, now: Millis) -> Result<(i64, i64), LimiterError>;
+    async fn used(&self, key_id: &str, tz: Tz, now: Millis) -> Result<(i64, i64), LimiterError>;
 }
 
 /// Counter names and their windows for one moment.
@@ -124,44 +127,64 @@ pub struct Windows {
     pub ms_to_next_hour: i64,
 }
 
+/// The UTC instant of a local wall-clock time (the first one if it occurs
+/// twice; the next hour's if a DST gap skips it).
+fn local_start(tz: Tz, local: NaiveDateTime) -> DateTime<Utc> {
+    tz.from_local_datetime(&local)
+        .earliest()
+        .or_else(|| {
+            tz.from_local_datetime(&(local + chrono::Duration::hours(1)))
+                .earliest()
+        })
+        .map_or_else(|| local.and_utc(), |t| t.with_timezone(&Utc))
+}
+
 impl Windows {
-    pub fn at(now: Millis) -> Windows {
-        let t = Utc.timestamp_millis_opt(now).single().unwrap_or_default();
-        let day_start = t
-            .date_naive()
-            .and_hms_opt(0, 0, 0)
-            .unwrap_or_default()
-            .and_utc();
-        let next_day = day_start + chrono::Duration::days(1);
-        let (y, m) = if t.month() == 12 {
-            (t.year() + 1, 1)
-        } else {
-            (t.year(), t.month() + 1)
-        };
-        let next_month = Utc
-            .with_ymd_and_hms(y, m, 1, 0, 0, 0)
-            .single()
-            .unwrap_or(next_day);
-        let hour_start = day_start + chrono::Duration::hours(i64::from(t.hour()));
+    /// The windows containing `now`, in the key's time zone `tz`.
+    pub fn at(now: Millis, tz: Tz) -> Windows {
+        let utc = Utc.timestamp_millis_opt(now).single().unwrap_or_default();
+        let t = utc.with_timezone(&tz);
+        let date = t.date_naive();
+        let midnight = |d: NaiveDate| d.and_hms_opt(0, 0, 0).unwrap_or_default();
+        let next_day = local_start(tz, midnight(date + Days::new(1)));
+        let first_of_next_month = date
+            .with_day(1)
+            .and_then(|d| d.checked_add_months(Months::new(1)))
+            .unwrap_or(date + Days::new(1));
+        let next_month = local_start(tz, midnight(first_of_next_month));
+        let hour_start = local_start(tz, date.and_hms_opt(t.hour(), 0, 0).unwrap_or_default());
         Windows {
             day: t.format("%Y%m%d").to_string(),
             month: t.format("%Y%m").to_string(),
             hour: t.format("%Y%m%d%H").to_string(),
-            ms_to_next_day: (next_day - t).num_milliseconds(),
-            ms_to_next_month: (next_month - t).num_milliseconds(),
-            ms_to_next_hour: (hour_start + chrono::Duration::hours(1) - t).num_milliseconds(),
+            ms_to_next_day: (next_day - utc).num_milliseconds(),
+            ms_to_next_month: (next_month - utc).num_milliseconds(),
+            ms_to_next_hour: (hour_start + chrono::Duration::hours(1) - utc)
+                .num_milliseconds()
+                .max(1),
         }
     }
 
-    pub fn day_start(now: Millis) -> Millis {
-        now + Windows::at(now).ms_to_next_day - 86_400_000
+    /// Start of the local day containing `now`.
+    pub fn day_start(now: Millis, tz: Tz) -> Millis {
+        let t = Utc
+            .timestamp_millis_opt(now)
+            .single()
+            .unwrap_or_default()
+            .with_timezone(&tz);
+        let midnight = t.date_naive().and_hms_opt(0, 0, 0).unwrap_or_default();
+        local_start(tz, midnight).timestamp_millis()
     }
 
-    pub fn month_start(now: Millis) -> Millis {
-        let t = Utc.timestamp_millis_opt(now).single().unwrap_or_default();
-        Utc.with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0)
+    /// Start of the local month containing `now`.
+    pub fn month_start(now: Millis, tz: Tz) -> Millis {
+        let t = Utc
+            .timestamp_millis_opt(now)
             .single()
-            .map_or(now, |s| s.timestamp_millis())
+            .unwrap_or_default()
+            .with_timezone(&tz);
+        let first = t.date_naive().with_day(1).unwrap_or(t.date_naive());
+        local_start(tz, first.and_hms_opt(0, 0, 0).unwrap_or_default()).timestamp_millis()
     }
 
     pub fn retry_after(&self, policy: Policy) -> i64 {
@@ -236,11 +259,42 @@ mod tests {
     fn windows_roll_over() {
         // 2026-12-31T23:30:00Z
         let now = 1_798_759_800_000;
-        let w = Windows::at(now);
+        let w = Windows::at(now, chrono_tz::UTC);
         assert_eq!(w.day, "20261231");
         assert_eq!(w.ms_to_next_day, 30 * 60 * 1000);
         assert_eq!(w.ms_to_next_month, 30 * 60 * 1000);
         assert_eq!(w.ms_to_next_hour, 30 * 60 * 1000);
-        assert_eq!(Windows::day_start(now), now - 23 * 3_600_000 - 30 * 60_000);
+        assert_eq!(
+            Windows::day_start(now, chrono_tz::UTC),
+            now - 23 * 3_600_000 - 30 * 60_000
+        );
+    }
+
+    #[test]
+    fn windows_follow_the_key_time_zone() {
+        // 2026-12-31T23:30:00Z is 2027-01-01 07:30 in Shanghai (UTC+8).
+        let now = 1_798_759_800_000;
+        let w = Windows::at(now, chrono_tz::Asia::Shanghai);
+        assert_eq!((w.day.as_str(), w.month.as_str()), ("20270101", "202701"));
+        assert_eq!(w.ms_to_next_day, (16 * 60 + 30) * 60_000);
+        assert_eq!(w.ms_to_next_hour, 30 * 60_000);
+        assert_eq!(
+            Windows::month_start(now, chrono_tz::Asia::Shanghai),
+            now - (7 * 60 + 30) * 60_000
+        );
+        // India is UTC+5:30: the local hour turns at :30 UTC.
+        let w = Windows::at(now, chrono_tz::Asia::Kolkata);
+        assert_eq!(w.ms_to_next_hour, 60 * 60_000);
+        // New York on the day DST ends (2026-11-01, 25 hours long):
+        // 2026-11-01T12:00:00Z is 07:00 EST; the next local midnight is
+        // 2026-11-02T05:00:00Z.
+        let noon = 1_793_534_400_000;
+        let w = Windows::at(noon, chrono_tz::America::New_York);
+        assert_eq!(w.day, "20261101");
+        assert_eq!(w.ms_to_next_day, 17 * 3_600_000);
+        assert_eq!(
+            Windows::day_start(noon, chrono_tz::America::New_York),
+            noon - 8 * 3_600_000
+        );
     }
 }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono_tz::Tz;
 
 use super::*;
 use crate::redis_conn::RedisConn;
@@ -72,8 +73,8 @@ impl RedisLimiter {
         })
     }
 
-    fn keys(&self, key_id: &str, now: Millis) -> (Windows, String, String) {
-        let w = Windows::at(now);
+    fn keys(&self, key_id: &str, tz: Tz, now: Millis) -> (Windows, String, String) {
+        let w = Windows::at(now, tz);
         let day = format!("{}:quota:{key_id}:d:{}", self.prefix, w.day);
         let month = format!("{}:quota:{key_id}:m:{}", self.prefix, w.month);
         (w, day, month)
@@ -105,7 +106,7 @@ impl Limiter for RedisLimiter {
     }
 
     async fn reserve(&self, req: &QuotaRequest) -> Result<QuotaDecision, LimiterError> {
-        let (w, day, month) = self.keys(&req.key_id, req.now);
+        let (w, day, month) = self.keys(&req.key_id, req.tz, req.now);
         let mut invocation = self.quota.key(&day);
         invocation.key(&month);
         let mut counters = vec![(day, req.count), (month, req.count)];
@@ -162,8 +163,8 @@ impl Limiter for RedisLimiter {
             .map_err(unavailable)
     }
 
-    async fn used(&self, key_id: &str, now: Millis) -> Result<(i64, i64), LimiterError> {
-        let (_, day, month) = self.keys(key_id, now);
+    async fn used(&self, key_id: &str, tz: Tz, now: Millis) -> Result<(i64, i64), LimiterError> {
+        let (_, day, month) = self.keys(key_id, tz, now);
         let mut pipe = ::redis::pipe();
         pipe.cmd("GET").arg(day).cmd("GET").arg(month);
         let (d, m): (Option<i64>, Option<i64>) = self

@@ -357,6 +357,7 @@ impl Sender {
             per_recipient_hourly: key.limits.per_recipient_hourly,
             recipients: p.quota_recipients.clone(),
             now,
+            tz: key.limits.tz(),
         };
         if req.unlimited() {
             return Ok(None);

@@ -18,7 +18,79 @@ on_both_stacks!(
     batch_accepts_valid_items,
     test_mode_key_never_reaches_smtp,
     usage_and_allowed_from_domains,
+    quota_windows_follow_the_key_timezone,
 );
+
+/// Seconds from now to the next midnight at a fixed UTC offset.
+fn secs_to_midnight(offset_hours: i64) -> i64 {
+    let local = chrono::Utc::now().timestamp() + offset_hours * 3600;
+    86_400 - local.rem_euclid(86_400)
+}
+
+/// The `t=` of the "daily" item of a `RateLimit` header.
+fn daily_reset(header: &str) -> (i64, i64) {
+    let item = header
+        .split(", ")
+        .find(|i| i.starts_with("\"daily\""))
+        .unwrap_or_else(|| panic!("no daily item in {header}"));
+    let field = |name: &str| -> i64 {
+        item.split(';')
+            .find_map(|p| p.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {item}"))
+    };
+    (field("r="), field("t="))
+}
+
+async fn quota_windows_follow_the_key_timezone(stack: Stack) {
+    let env = Env::new(stack).await;
+    let app = TestApp::start(&env, None).await;
+    let bad = app
+        .api
+        .post(
+            "/v1/keys",
+            json!({"name": "x", "scopes": ["send"], "timezone": "Mars/Olympus"}),
+        )
+        .await;
+    assert_eq!(bad.status, 422, "{}", bad.body);
+    assert_eq!(bad.body["errors"][0]["field"], "timezone");
+    // Kiritimati is UTC+14 all year: its days start 14 hours before UTC's.
+    let (id, key) = app
+        .api
+        .create_key(json!({"name": "kiri", "scopes": ["send", "read"], "daily_quota": 5, "timezone": "Pacific/Kiritimati"}))
+        .await;
+    let (_, utc_key) = app
+        .api
+        .create_key(json!({"name": "utc", "scopes": ["send"], "daily_quota": 5}))
+        .await;
+    let view = app.api.get(&format!("/v1/keys/{id}")).await.body;
+    assert_eq!(view["timezone"], "Pacific/Kiritimati");
+    for (key, offset) in [(&key, 14), (&utc_key, 0)] {
+        let r = app
+            .api
+            .with_key(key)
+            .post("/v1/send", code_to("tz@example.com"))
+            .await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        let header = r.headers["ratelimit"].to_str().unwrap().to_string();
+        let (remaining, reset) = daily_reset(&header);
+        assert_eq!(remaining, 4, "{header}");
+        let expected = secs_to_midnight(offset);
+        assert!(
+            (reset - expected).abs() <= 5,
+            "UTC{offset:+}: daily window resets in {reset}s, expected ~{expected}s ({header})"
+        );
+    }
+    let usage = app.api.with_key(&key).get("/v1/usage").await.body;
+    assert_eq!(usage["limits"]["timezone"], "Pacific/Kiritimati");
+    assert_eq!(usage["remaining"]["daily"], 4);
+    let patched = app
+        .api
+        .patch(&format!("/v1/keys/{id}"), json!({"timezone": null}))
+        .await;
+    assert_eq!(patched.body["timezone"], "UTC");
+    app.stop().await;
+}
 
 async fn race(
     api: &Client,

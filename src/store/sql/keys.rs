@@ -26,7 +26,7 @@ fn scopes_column(key: &ApiKey) -> String {
 impl KeyStore for SqlStore {
     async fn create_key(&self, key: &ApiKey) -> StoreResult<()> {
         sqlx::query(&format!(
-            "INSERT INTO api_keys ({}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)",
+            "INSERT INTO api_keys ({}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15)",
             rows::KEY_COLUMNS
         ))
         .bind(&key.id)
@@ -43,6 +43,7 @@ impl KeyStore for SqlStore {
         .bind(to_json(&key.allowed_from_domains))
         .bind(key.created_at)
         .bind(key.revoked_at)
+        .bind(key.limits.timezone.as_deref())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -108,8 +109,8 @@ impl KeyStore for SqlStore {
         }
         sqlx::query(
             "UPDATE api_keys SET name=$2, scopes=$3, mode=$4, rate_millis=$5, burst=$6, \
-             daily_quota=$7, monthly_quota=$8, per_recipient_hourly=$9, allowed_from_domains=$10 \
-             WHERE id=$1",
+             daily_quota=$7, monthly_quota=$8, per_recipient_hourly=$9, allowed_from_domains=$10, \
+             timezone=$11 WHERE id=$1",
         )
         .bind(&key.id)
         .bind(&key.name)
@@ -121,6 +122,7 @@ impl KeyStore for SqlStore {
         .bind(key.limits.monthly_quota)
         .bind(key.limits.per_recipient_hourly)
         .bind(to_json(&key.allowed_from_domains))
+        .bind(key.limits.timezone.as_deref())
         .execute(&self.pool)
         .await?;
         Ok(Some(key))

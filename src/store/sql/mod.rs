@@ -31,12 +31,20 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../../migrations/postgres/0002_message_bodies.sql"),
     ),
+    (
+        3,
+        include_str!("../../../migrations/postgres/0003_key_timezone.sql"),
+    ),
 ];
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../../migrations/sqlite/0001_init.sql")),
     (
         2,
         include_str!("../../../migrations/sqlite/0002_message_bodies.sql"),
+    ),
+    (
+        3,
+        include_str!("../../../migrations/sqlite/0003_key_timezone.sql"),
     ),
 ];
 

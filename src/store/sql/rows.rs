@@ -10,7 +10,8 @@ use crate::store::records::*;
 use crate::store::{StoreError, StoreResult};
 
 pub const KEY_COLUMNS: &str = "id, prefix, secret_hash, name, scopes, mode, rate_millis, \
-    burst, daily_quota, monthly_quota, per_recipient_hourly, allowed_from_domains, created_at, revoked_at";
+    burst, daily_quota, monthly_quota, per_recipient_hourly, allowed_from_domains, created_at, revoked_at, \
+    timezone";
 
 pub const TEMPLATE_COLUMNS: &str = "name, locale, version, subject, html, text_body, required, \
     secret, description, priority, builtin, created_at";
@@ -57,6 +58,7 @@ pub fn key(row: &AnyRow) -> StoreResult<ApiKey> {
             daily_quota: row.try_get("daily_quota")?,
             monthly_quota: row.try_get("monthly_quota")?,
             per_recipient_hourly: row.try_get("per_recipient_hourly")?,
+            timezone: row.try_get("timezone")?,
         },
         allowed_from_domains: string_list(row, "allowed_from_domains")?,
         created_at: row.try_get("created_at")?,
