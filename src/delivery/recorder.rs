@@ -56,28 +56,30 @@ async fn writer(store: Arc<dyn Store>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
             }
             group
         };
-        let reports: Vec<DeliveryReport> = group.iter().map(|j| j.report.clone()).collect();
+        // Move the reports out of their jobs rather than copying them.
+        let (reports, waiting): (Vec<DeliveryReport>, Vec<_>) =
+            group.into_iter().map(|j| (j.report, j.done)).unzip();
         match store.record_many(&reports).await {
             Ok(results) => {
-                for (job, result) in group.into_iter().zip(results) {
-                    let _ = job.done.send(Ok(result));
+                for (done, result) in waiting.into_iter().zip(results) {
+                    let _ = done.send(Ok(result));
                 }
             }
-            Err(_) if group.len() > 1 => {
-                for job in group {
+            Err(_) if reports.len() > 1 => {
+                for (report, done) in reports.iter().zip(waiting) {
                     let result = store
-                        .record_many(std::slice::from_ref(&job.report))
+                        .record_many(std::slice::from_ref(report))
                         .await
                         .and_then(|mut r| {
                             r.pop()
                                 .ok_or_else(|| StoreError::Corrupt("no result".into()))
                         });
-                    let _ = job.done.send(result);
+                    let _ = done.send(result);
                 }
             }
             Err(e) => {
-                if let Some(job) = group.into_iter().next() {
-                    let _ = job.done.send(Err(e));
+                if let Some(done) = waiting.into_iter().next() {
+                    let _ = done.send(Err(e));
                 }
             }
         }

@@ -52,6 +52,9 @@ pub fn query(sql: &str, rows: usize) -> Query<'_, Any, AnyArguments<'_>> {
     sqlx::query(sql).persistent(rows <= CACHED_ROWS)
 }
 
+/// A query being built over the `Any` driver.
+pub type AnyQuery<'q> = Query<'q, Any, AnyArguments<'q>>;
+
 /// Runs `sql`, whose `IN (…)` list is written `{keys}`, for every key (in
 /// chunks); the keys are the statement's only parameters. Returns all rows.
 pub async fn select_in(
@@ -59,10 +62,22 @@ pub async fn select_in(
     sql: &str,
     keys: &[&str],
 ) -> Result<Vec<AnyRow>, sqlx::Error> {
+    fetch_in(conn, sql, keys, 0, |q| q).await
+}
+
+/// Like [`select_in`] for a statement with `leading` parameters before the
+/// keys (`$1..$leading`), bound by `bind` on every chunk.
+pub async fn fetch_in(
+    conn: &mut AnyConnection,
+    sql: &str,
+    keys: &[&str],
+    leading: usize,
+    bind: impl for<'a> Fn(AnyQuery<'a>) -> AnyQuery<'a>,
+) -> Result<Vec<AnyRow>, sqlx::Error> {
     let mut rows = Vec::new();
     for chunk in keys.chunks(rows_per_chunk(1)) {
-        let text = sql.replace("{keys}", &list(chunk.len(), 1));
-        let mut q = query(&text, chunk.len());
+        let text = sql.replace("{keys}", &list(chunk.len(), leading + 1));
+        let mut q = bind(query(&text, chunk.len()));
         for key in chunk {
             q = q.bind(*key);
         }

@@ -49,27 +49,24 @@ impl SqlStore {
         now: Millis,
         lease_until: Millis,
     ) -> StoreResult<Vec<(MessageRecord, String)>> {
-        let mut taken = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(batch::rows_per_chunk(1)) {
-            let sql = format!(
+        let owner = owner.to_string();
+        let found = batch::fetch_in(
+            tx,
+            &format!(
                 "UPDATE messages SET lease_until = $1, lease_owner = $2, updated_at = $3, status = 'sending' \
-                 WHERE id IN ({}) AND status IN {NOT_FINAL} AND next_attempt_at <= $3 \
+                 WHERE id IN ({{keys}}) AND status IN {NOT_FINAL} AND next_attempt_at <= $3 \
                  AND (lease_until IS NULL OR lease_until < $3) RETURNING {}, mail_from",
-                batch::list(chunk.len(), 4),
                 rows::MESSAGE_COLUMNS
-            );
-            let mut query = batch::query(&sql, chunk.len())
-                .bind(lease_until)
-                .bind(owner)
-                .bind(now);
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(&mut *tx).await? {
-                taken.push((rows::message(&row)?, row.try_get("mail_from")?));
-            }
-        }
-        Ok(taken)
+            ),
+            ids,
+            3,
+            |q| q.bind(lease_until).bind(owner.clone()).bind(now),
+        )
+        .await?;
+        found
+            .iter()
+            .map(|row| Ok((rows::message(row)?, row.try_get("mail_from")?)))
+            .collect()
     }
 
     /// The (unredacted) MIME of each message that still has it.
@@ -95,25 +92,25 @@ impl SqlStore {
         ids: &[&str],
         now: Millis,
     ) -> StoreResult<HashMap<String, Vec<RecipientRecord>>> {
-        let mut by_message: HashMap<String, Vec<RecipientRecord>> = HashMap::new();
-        for chunk in ids.chunks(batch::rows_per_chunk(1)) {
-            let sql = format!(
+        let found = batch::fetch_in(
+            tx,
+            &format!(
                 "UPDATE recipients SET status = 'sending', updated_at = $1 \
-                 WHERE message_id IN ({}) AND status IN {NOT_FINAL} AND next_attempt_at <= $1 \
+                 WHERE message_id IN ({{keys}}) AND status IN {NOT_FINAL} AND next_attempt_at <= $1 \
                  RETURNING message_id, {}",
-                batch::list(chunk.len(), 2),
                 rows::RECIPIENT_COLUMNS
-            );
-            let mut query = batch::query(&sql, chunk.len()).bind(now);
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(&mut *tx).await? {
-                by_message
-                    .entry(row.try_get("message_id")?)
-                    .or_default()
-                    .push(rows::recipient(&row)?);
-            }
+            ),
+            ids,
+            1,
+            |q| q.bind(now),
+        )
+        .await?;
+        let mut by_message: HashMap<String, Vec<RecipientRecord>> = HashMap::new();
+        for row in &found {
+            by_message
+                .entry(row.try_get("message_id")?)
+                .or_default()
+                .push(rows::recipient(row)?);
         }
         for list in by_message.values_mut() {
             list.sort_by_key(|r| r.idx);
@@ -348,17 +345,16 @@ impl DeliveryStore for SqlStore {
         .fetch_all(&self.pool)
         .await?;
         let due = due_rows(&found)?;
-        for chunk in due.chunks(batch::rows_per_chunk(1)) {
-            let sql = format!(
-                "UPDATE messages SET enqueued_at = $1 WHERE id IN ({})",
-                batch::list(chunk.len(), 2)
-            );
-            let mut query = batch::query(&sql, chunk.len()).bind(now);
-            for (id, _, _) in chunk {
-                query = query.bind(id);
-            }
-            query.execute(&self.pool).await?;
-        }
+        let ids: Vec<&str> = due.iter().map(|(id, _, _)| id.as_str()).collect();
+        let mut conn = self.pool.acquire().await?;
+        batch::fetch_in(
+            &mut conn,
+            "UPDATE messages SET enqueued_at = $1 WHERE id IN ({keys})",
+            &ids,
+            1,
+            |q| q.bind(now),
+        )
+        .await?;
         Ok(due)
     }
 

@@ -21,7 +21,7 @@ const BODY_INSERT_COLS: usize = 3;
 /// Columns bound per recipient row.
 const RECIPIENT_INSERT_COLS: usize = 9;
 
-type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+use batch::AnyQuery;
 
 fn messages_insert_sql(rows: usize, first: usize) -> String {
     format!(
@@ -163,11 +163,14 @@ impl SqlStore {
         let plain = messages
             .iter()
             .all(|m| m.collapse_key.is_none() && m.idempotency.is_none());
+        if self.backend != Backend::Postgres || !plain {
+            return Ok(false);
+        }
         let rows: Vec<&NewMessage> = messages.iter().collect();
         let recipients = recipient_rows(&rows);
         let params = rows.len() * (MESSAGE_INSERT_COLS + BODY_INSERT_COLS)
             + recipients.len() * RECIPIENT_INSERT_COLS;
-        if self.backend != Backend::Postgres || !plain || params > batch::rows_per_chunk(1) {
+        if params > batch::rows_per_chunk(1) {
             return Ok(false);
         }
         let bodies_from = 1 + rows.len() * MESSAGE_INSERT_COLS;
@@ -370,18 +373,13 @@ pub async fn recompute_messages(
         .filter(|(_, _, _, redact)| *redact)
         .map(|(id, ..)| *id)
         .collect();
-    for chunk in redact.chunks(batch::rows_per_chunk(1)) {
-        let sql = format!(
-            "UPDATE message_bodies SET mime = NULL WHERE mime_redacted IS NOT NULL \
-             AND mime IS NOT NULL AND message_id IN ({})",
-            batch::list(chunk.len(), 1)
-        );
-        let mut query = batch::query(&sql, chunk.len());
-        for id in chunk {
-            query = query.bind(*id);
-        }
-        query.execute(&mut *conn).await?;
-    }
+    batch::select_in(
+        conn,
+        "UPDATE message_bodies SET mime = NULL WHERE mime_redacted IS NOT NULL \
+         AND mime IS NOT NULL AND message_id IN ({keys})",
+        &redact,
+    )
+    .await?;
     Ok(out)
 }
 
