@@ -23,6 +23,7 @@ use crate::relay::RelayChain;
 use crate::sending::{Committer, Sender, SenderSettings};
 use crate::store::{SqlStore, Store};
 use crate::templates::{builtins, TemplateEngine};
+use crate::ttl_cache::TtlCache;
 use crate::webhooks::Dispatcher;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +121,7 @@ impl Application {
         let ctx = Arc::new(Ctx {
             send_slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
             store: store.clone(),
+            keys: TtlCache::new(crate::http::KEY_CACHE, 10_000),
             queue: queue.clone(),
             limiter,
             sender,

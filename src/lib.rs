@@ -22,4 +22,5 @@ pub mod sending;
 pub mod store;
 pub mod telemetry;
 pub mod templates;
+pub mod ttl_cache;
 pub mod webhooks;

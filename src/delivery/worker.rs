@@ -21,6 +21,15 @@ use crate::queue::{Job, Queue};
 use crate::relay::RelayChain;
 use crate::store::{Claim, DeliveryReport, RecipientResult, Store};
 
+/// How long a receive waits for more free slots when only a few are free.
+const GATHER_WAIT: Duration = Duration::from_millis(3);
+
+/// The batch a receive waits for (at most [`GATHER_WAIT`]): an eighth of the
+/// pool, at most 16, never more than the pool.
+fn gather_target(concurrency: usize) -> usize {
+    (concurrency / 8).clamp(1, 16)
+}
+
 pub struct Worker {
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn Queue>,
@@ -44,14 +53,7 @@ impl Worker {
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 _ = shutdown.cancelled() => break,
             };
-            // Take every free slot at once: one receive and one claim for
-            // as many messages as can be delivered now.
-            let free = permits.available_permits();
-            if free > 0 {
-                if let Ok(more) = permits.clone().try_acquire_many_owned(free as u32) {
-                    held.merge(more);
-                }
-            }
+            self.gather_slots(&permits, &mut held).await;
             let jobs = tokio::select! {
                 r = self.queue.receive(held.num_permits(), Duration::from_secs(1)) => r,
                 _ = shutdown.cancelled() => break,
@@ -88,6 +90,34 @@ impl Worker {
             "worker stopping; finishing deliveries in flight"
         );
         tasks.wait().await;
+    }
+
+    /// Adds every free slot to `held`, so one receive and one claim serve
+    /// as many messages as can be delivered now. When the pool is nearly
+    /// full (a backlog is draining and slots free up one at a time), waits
+    /// up to [`GATHER_WAIT`] for a few more: claiming one message per
+    /// round trip costs the store far more than a few milliseconds.
+    async fn gather_slots(&self, permits: &Arc<Semaphore>, held: &mut OwnedSemaphorePermit) {
+        let take_free = |held: &mut OwnedSemaphorePermit| {
+            let free = permits.available_permits();
+            if free > 0 {
+                if let Ok(more) = permits.clone().try_acquire_many_owned(free as u32) {
+                    held.merge(more);
+                }
+            }
+        };
+        take_free(held);
+        let want = gather_target(self.concurrency);
+        if held.num_permits() >= want {
+            return;
+        }
+        let missing = (want - held.num_permits()) as u32;
+        if let Ok(Ok(more)) =
+            tokio::time::timeout(GATHER_WAIT, permits.clone().acquire_many_owned(missing)).await
+        {
+            held.merge(more);
+        }
+        take_free(held);
     }
 
     /// Claims a received batch and starts one delivery per claimed message,

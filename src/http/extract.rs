@@ -1,5 +1,5 @@
 //! Extractors that turn every malformed input into a problem+json answer:
-//! `Auth` (Bearer key, hashed, constant-time), `JsonBody` (415 / 413 before
+//! `Auth` (Bearer key, hashed, constant-time; keys cached for `KEY_CACHE`), `JsonBody` (415 / 413 before
 //! buffering / 400), and `Params` (query string) with typed getters.
 
 use std::collections::HashMap;
@@ -67,11 +67,18 @@ impl FromRequestParts<AppState> for Auth {
             .ok_or(ApiError::Unauthorized)?
             .trim();
         let (prefix, secret) = keys::split(token).ok_or(ApiError::Unauthorized)?;
-        let key = state
-            .store
-            .key_by_prefix(prefix)
-            .await?
-            .ok_or(ApiError::Unauthorized)?;
+        let key = match state.keys.get(prefix) {
+            Some(key) => key,
+            None => {
+                let key = state
+                    .store
+                    .key_by_prefix(prefix)
+                    .await?
+                    .ok_or(ApiError::Unauthorized)?;
+                state.keys.put(prefix, key.clone());
+                key
+            }
+        };
         if key.revoked_at.is_some() || !key.verify(secret) {
             return Err(ApiError::Unauthorized);
         }

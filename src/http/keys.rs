@@ -304,6 +304,7 @@ async fn patch(
         .update_key(&id, &patch)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("No key {id}.")))?;
+    state.keys.clear();
     Ok(Json(key_view(&updated)))
 }
 
@@ -315,5 +316,6 @@ async fn revoke(
     auth.require(Scope::Admin)?;
     find(&state, &id).await?;
     state.store.revoke_key(&id, now_ms()).await?;
+    state.keys.clear();
     Ok(StatusCode::NO_CONTENT)
 }

@@ -30,17 +30,27 @@ pub use extract::{Auth, JsonBody, Params};
 
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::keys::ApiKey;
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::sending::Sender;
 use crate::store::Store;
+use crate::ttl_cache::TtlCache;
+
+/// How long an authenticated key is cached. A key changed or revoked
+/// through this process is dropped from the cache at once; through another
+/// process (or the CLI) the change is seen within this time.
+pub const KEY_CACHE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Everything a handler may use; built once in `app`.
 pub struct Ctx {
     /// Admission control for sends (see `admit`).
     pub send_slots: Arc<tokio::sync::Semaphore>,
     pub store: Arc<dyn Store>,
+    /// Keys by prefix, so a request does not cost a store round trip
+    /// (see [`KEY_CACHE`]).
+    pub keys: TtlCache<ApiKey>,
     pub queue: Arc<dyn Queue>,
     pub limiter: Arc<dyn Limiter>,
     pub sender: Sender,

@@ -24,6 +24,7 @@ use crate::store::{
     IdemBegin, IdemFinish, IdemRequest, NewMessage, NewRecipient, Store, TemplateVersion,
 };
 use crate::templates::{self, Rendered, TemplateEngine, TemplateProblem};
+use crate::ttl_cache::TtlCache;
 
 pub const MAX_BATCH: usize = 500;
 
@@ -53,12 +54,8 @@ pub struct SenderSettings {
 /// version or a delete made through another process is seen within this.
 const TEMPLATE_CACHE: Duration = Duration::from_secs(1);
 
-type TemplateCache = std::sync::Mutex<
-    std::collections::HashMap<String, (std::time::Instant, Arc<Vec<TemplateVersion>>)>,
->;
-
 pub struct Sender {
-    template_cache: TemplateCache,
+    template_cache: TtlCache<Arc<Vec<TemplateVersion>>>,
     store: Arc<dyn Store>,
     limiter: Arc<dyn Limiter>,
     templates: Arc<TemplateEngine>,
@@ -95,7 +92,7 @@ impl Sender {
         settings: SenderSettings,
     ) -> Sender {
         Sender {
-            template_cache: Default::default(),
+            template_cache: TtlCache::new(TEMPLATE_CACHE, 10_000),
             store,
             limiter,
             templates,
@@ -105,33 +102,17 @@ impl Sender {
     }
 
     async fn template_versions(&self, name: &str) -> Result<Arc<Vec<TemplateVersion>>, ApiError> {
-        let cached = self
-            .template_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .filter(|(at, _)| at.elapsed() < TEMPLATE_CACHE)
-            .map(|(_, v)| v.clone());
-        if let Some(versions) = cached {
+        if let Some(versions) = self.template_cache.get(name) {
             return Ok(versions);
         }
         let versions = Arc::new(self.store.template_versions(name).await?);
-        self.template_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                name.to_string(),
-                (std::time::Instant::now(), versions.clone()),
-            );
+        self.template_cache.put(name, versions.clone());
         Ok(versions)
     }
 
     /// Drops a cached template after this process changed it.
     pub fn forget_template(&self, name: &str) {
-        self.template_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.template_cache.forget(name);
     }
 
     /// Finds the template version a request asks for.

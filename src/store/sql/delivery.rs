@@ -16,6 +16,8 @@ use crate::store::records::*;
 use crate::store::{DeliveryStore, StoreError, StoreResult};
 
 const NOT_FINAL: &str = "('scheduled','queued','deferred','sending')";
+/// The complement of [`NOT_FINAL`].
+const FINAL: &str = "('delivered','bounced','failed','suppressed','canceled','expired')";
 
 fn outcome_name(outcome: &Outcome) -> &'static str {
     match outcome {
@@ -42,6 +44,14 @@ fn due_rows(found: &[sqlx::any::AnyRow]) -> StoreResult<Vec<(String, Priority, M
 impl SqlStore {
     /// Leases every due message among `ids` (one UPDATE per chunk); returns
     /// the rows taken.
+    ///
+    /// Only the primary key may serve this statement. `next_attempt_at + 0`
+    /// keeps the planner from answering it with `messages_pending_idx`
+    /// (scanning every due message and filtering by id): a prepared
+    /// statement's generic plan picks that when the index's statistics say
+    /// it is small, and it then costs O(backlog) per claim exactly when a
+    /// backlog exists. Nothing here touches an indexed column, so on
+    /// Postgres the claim is a HOT update (migration 0004).
     async fn lease_messages(
         tx: &mut AnyConnection,
         ids: &[&str],
@@ -54,7 +64,7 @@ impl SqlStore {
             tx,
             &format!(
                 "UPDATE messages SET lease_until = $1, lease_owner = $2, updated_at = $3, status = 'sending' \
-                 WHERE id IN ({{keys}}) AND status IN {NOT_FINAL} AND next_attempt_at <= $3 \
+                 WHERE id IN ({{keys}}) AND status NOT IN {FINAL} AND next_attempt_at + 0 <= $3 \
                  AND (lease_until IS NULL OR lease_until < $3) RETURNING {}, mail_from",
                 rows::MESSAGE_COLUMNS
             ),
@@ -388,7 +398,8 @@ impl DeliveryStore for SqlStore {
     async fn expire_overdue(&self, now: Millis, limit: i64) -> StoreResult<u64> {
         let found = sqlx::query(&format!(
             "SELECT id FROM messages WHERE expires_at IS NOT NULL AND expires_at <= $1 \
-             AND status IN {NOT_FINAL} AND (lease_until IS NULL OR lease_until < $1) LIMIT $2"
+             AND next_attempt_at IS NOT NULL AND status IN {NOT_FINAL} \
+             AND (lease_until IS NULL OR lease_until < $1) LIMIT $2"
         ))
         .bind(now)
         .bind(limit)
@@ -428,7 +439,7 @@ impl DeliveryStore for SqlStore {
     async fn queue_stats(&self, now: Millis) -> StoreResult<QueueStats> {
         let row = sqlx::query(&format!(
             "SELECT COUNT(*) AS n, MIN(CASE WHEN next_attempt_at <= $1 THEN next_attempt_at END) AS oldest \
-             FROM messages WHERE status IN {NOT_FINAL}"
+             FROM messages WHERE next_attempt_at IS NOT NULL AND status IN {NOT_FINAL}"
         ))
         .bind(now)
         .fetch_one(&self.pool)
@@ -437,5 +448,24 @@ impl DeliveryStore for SqlStore {
             waiting: row.try_get("n")?,
             oldest_due: row.try_get("oldest")?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FINAL, NOT_FINAL};
+    use crate::domain::Status;
+
+    #[test]
+    fn final_and_not_final_lists_partition_the_statuses() {
+        for status in Status::ALL {
+            let quoted = format!("'{}'", status.as_str());
+            assert_eq!(FINAL.contains(&quoted), status.is_final(), "{status:?}");
+            assert_eq!(
+                NOT_FINAL.contains(&quoted),
+                !status.is_final(),
+                "{status:?}"
+            );
+        }
     }
 }

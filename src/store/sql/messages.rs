@@ -352,6 +352,13 @@ pub async fn recompute_messages(
             continue;
         };
         let status = Status::aggregate(statuses);
+        // `next_attempt_at` is NULL exactly when the message is final: the
+        // due-work indexes rely on it (migration 0004).
+        let next = if status.is_final() {
+            None
+        } else {
+            Some(next.unwrap_or(now))
+        };
         updates.push((*id, status, next, status.is_final() && *redact));
         out.insert(id.to_string(), (status, next));
     }

@@ -35,6 +35,10 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../../../migrations/postgres/0003_key_timezone.sql"),
     ),
+    (
+        4,
+        include_str!("../../../migrations/postgres/0004_hot_claims.sql"),
+    ),
 ];
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../../migrations/sqlite/0001_init.sql")),
@@ -45,6 +49,10 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (
         3,
         include_str!("../../../migrations/sqlite/0003_key_timezone.sql"),
+    ),
+    (
+        4,
+        include_str!("../../../migrations/sqlite/0004_hot_claims.sql"),
     ),
 ];
 
