@@ -3,6 +3,7 @@
 //! turns outcomes into statuses; the retry schedule; and the sweeper that
 //! repairs whatever the queue lost.
 
+mod acks;
 mod recorder;
 mod schedule;
 mod state;

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::acks::Acks;
 use super::recorder::Recorder;
 use super::{decide, Policy};
 use crate::domain::{now_ms, Attempt, Status};
@@ -46,6 +47,7 @@ pub struct Worker {
 impl Worker {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let recorder = Recorder::start(self.store.clone(), 2);
+        let (acks, acking) = Acks::start(self.queue.clone());
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let tasks = TaskTracker::new();
         loop {
@@ -79,9 +81,12 @@ impl Worker {
             // The claim runs beside the loop, which goes on receiving.
             let worker = self.clone();
             let recorder = recorder.clone();
+            let acks = acks.clone();
             let spawner = tasks.clone();
             tasks.spawn(async move {
-                worker.dispatch(jobs, held, &recorder, &spawner).await;
+                worker
+                    .dispatch(jobs, held, &recorder, &acks, &spawner)
+                    .await;
             });
         }
         tasks.close();
@@ -90,6 +95,8 @@ impl Worker {
             "worker stopping; finishing deliveries in flight"
         );
         tasks.wait().await;
+        drop(acks);
+        let _ = acking.await;
     }
 
     /// Adds every free slot to `held`, so one receive and one claim serve
@@ -127,9 +134,10 @@ impl Worker {
         jobs: Vec<Job>,
         mut held: OwnedSemaphorePermit,
         recorder: &Recorder,
+        acks: &Acks,
         tasks: &TaskTracker,
     ) {
-        let Some(claims) = self.claim(&jobs).await else {
+        let Some(claims) = self.claim(&jobs, acks).await else {
             return;
         };
         let suppressed = Arc::new(self.suppressed(&claims).await);
@@ -137,12 +145,15 @@ impl Worker {
             let Some(permit) = held.split(1) else { break };
             let worker = self.clone();
             let recorder = recorder.clone();
+            let acks = acks.clone();
             let suppressed = suppressed.clone();
             let span =
                 tracing::info_span!("delivery", message_id = %job.id, lane = job.lane.as_str());
             tasks.spawn(
                 async move {
-                    worker.process(job, claim, &suppressed, &recorder).await;
+                    worker
+                        .process(job, claim, &suppressed, &recorder, &acks)
+                        .await;
                     drop(permit);
                 }
                 .instrument(span),
@@ -152,7 +163,7 @@ impl Worker {
 
     /// Claims a batch in one transaction; acknowledges jobs that are not due,
     /// final, or taken (duplicates). `None` if the store is unavailable.
-    async fn claim(&self, jobs: &[Job]) -> Option<Vec<(Job, Claim)>> {
+    async fn claim(&self, jobs: &[Job], acks: &Acks) -> Option<Vec<(Job, Claim)>> {
         let now = now_ms();
         let lease_until = now + self.lease.as_millis() as i64;
         let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
@@ -175,7 +186,7 @@ impl Worker {
         for job in jobs {
             match by_id.remove(&job.id) {
                 Some(claim) => out.push((job.clone(), claim)),
-                None => self.ack(job).await,
+                None => acks.ack(job.clone()),
             }
         }
         Some(out)
@@ -202,6 +213,7 @@ impl Worker {
         claim: Claim,
         suppressed: &HashSet<String>,
         recorder: &Recorder,
+        acks: &Acks,
     ) {
         let report = self.deliver(&claim, suppressed).await;
         match recorder.record(report).await {
@@ -211,17 +223,11 @@ impl Worker {
                         tracing::warn!(error = %e, "could not schedule retry; the sweeper will");
                     }
                 }
-                self.ack(&job).await;
+                acks.ack(job);
             }
             Err(e) => {
                 tracing::error!(error = %e, "could not record delivery; lease will expire and it will be retried")
             }
-        }
-    }
-
-    async fn ack(&self, job: &Job) {
-        if let Err(e) = self.queue.ack(job).await {
-            tracing::debug!(error = %e, "ack failed");
         }
     }
 

@@ -138,7 +138,7 @@ impl Queue for MemoryQueue {
         }
     }
 
-    async fn ack(&self, _job: &Job) -> Result<(), QueueError> {
+    async fn ack(&self, _jobs: &[Job]) -> Result<(), QueueError> {
         Ok(())
     }
 

@@ -51,7 +51,8 @@ pub trait Queue: Send + Sync {
     async fn schedule(&self, id: &str, lane: Priority, at: Millis) -> Result<(), QueueError>;
     /// Up to `max` jobs, waiting up to `wait` for the first.
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Job>, QueueError>;
-    async fn ack(&self, job: &Job) -> Result<(), QueueError>;
+    /// Forgets received jobs (done, or not ours to do); one round trip.
+    async fn ack(&self, jobs: &[Job]) -> Result<(), QueueError>;
     /// Ready ids per lane, and delayed ids.
     async fn depth(&self) -> Result<QueueDepth, QueueError>;
     async fn ping(&self) -> Result<(), QueueError>;

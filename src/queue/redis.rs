@@ -267,18 +267,31 @@ impl Queue for RedisQueue {
             .await
     }
 
-    async fn ack(&self, job: &Job) -> Result<(), QueueError> {
-        let stream = self.stream(job.lane);
+    async fn ack(&self, jobs: &[Job]) -> Result<(), QueueError> {
         let mut pipe = ::redis::pipe();
-        pipe.cmd("XACK")
-            .arg(&stream)
-            .arg(GROUP)
-            .arg(&job.token)
-            .ignore()
-            .cmd("XDEL")
-            .arg(&stream)
-            .arg(&job.token)
-            .ignore();
+        for lane in Priority::ALL {
+            let tokens: Vec<&str> = jobs
+                .iter()
+                .filter(|j| j.lane == lane)
+                .map(|j| j.token.as_str())
+                .collect();
+            if tokens.is_empty() {
+                continue;
+            }
+            let stream = self.stream(lane);
+            pipe.cmd("XACK")
+                .arg(&stream)
+                .arg(GROUP)
+                .arg(&tokens)
+                .ignore()
+                .cmd("XDEL")
+                .arg(&stream)
+                .arg(&tokens)
+                .ignore();
+        }
+        if jobs.is_empty() {
+            return Ok(());
+        }
         self.conn
             .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
             .await
