@@ -20,7 +20,7 @@ use crate::limiter::{Limiter, MemoryLimiter, RedisLimiter};
 use crate::metrics::Metrics;
 use crate::queue::{MemoryQueue, Queue, RedisQueue};
 use crate::relay::RelayChain;
-use crate::sending::{Committer, Sender, SenderSettings};
+use crate::sending::{Committer, DkimSigner, Sender, SenderSettings};
 use crate::store::{SqlStore, Store};
 use crate::templates::{builtins, TemplateEngine};
 use crate::ttl_cache::TtlCache;
@@ -116,6 +116,7 @@ impl Application {
                 default_from,
                 idempotency_ttl: config.idempotency_ttl,
                 max_attachment_bytes: config.max_attachment_bytes,
+                dkim: DkimSigner::load(&config.dkim_keys)?,
             },
         );
         let ctx = Arc::new(Ctx {

@@ -67,6 +67,9 @@ pub struct Settings {
     /// From used when a request has none [default: none, then `from` is required]
     #[arg(long, global = true, env = "MAILROOM_DEFAULT_FROM")]
     pub default_from: Option<String>,
+    /// DKIM keys per From domain, comma-separated domain:selector:/path/to/key.pem (RSA or Ed25519) [default: none, mail is not signed]
+    #[arg(long, global = true, env = "MAILROOM_DKIM_KEYS")]
+    pub dkim_keys: Option<String>,
     /// Concurrent deliveries per process [default: 64]
     #[arg(long, global = true, env = "MAILROOM_WORKERS")]
     pub workers: Option<usize>,
@@ -114,6 +117,55 @@ pub struct Settings {
     pub log_format: Option<String>,
 }
 
+/// One DKIM key: mail whose From domain is `domain` (or a subdomain of it)
+/// is signed with `d=domain; s=selector`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DkimKeyConfig {
+    pub domain: String,
+    pub selector: String,
+    pub key_file: PathBuf,
+}
+
+/// `domain:selector:/path/key.pem[,...]`; an empty string is no keys.
+fn parse_dkim_keys(text: &str) -> Result<Vec<DkimKeyConfig>, ConfigError> {
+    let mut keys: Vec<DkimKeyConfig> = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let mut parts = item.splitn(3, ':').map(str::trim);
+        let (Some(domain), Some(selector), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid(
+                "MAILROOM_DKIM_KEYS",
+                format!("{item:?}: expected domain:selector:/path/to/key.pem"),
+            ));
+        };
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if !domain.split('.').all(label_ok) || !selector.split('.').all(label_ok) || path.is_empty()
+        {
+            return Err(invalid(
+                "MAILROOM_DKIM_KEYS",
+                format!("{item:?}: expected domain:selector:/path/to/key.pem (ASCII domain and selector)"),
+            ));
+        }
+        if keys.iter().any(|k| k.domain == domain) {
+            return Err(invalid(
+                "MAILROOM_DKIM_KEYS",
+                format!("{domain} has more than one key"),
+            ));
+        }
+        keys.push(DkimKeyConfig {
+            domain,
+            selector: selector.to_string(),
+            key_file: PathBuf::from(path),
+        });
+    }
+    Ok(keys)
+}
+
 macro_rules! layer {
     ($upper:expr, $lower:expr, $($field:ident),+) => {
         Settings { $($field: $upper.$field.or($lower.$field)),+ }
@@ -136,6 +188,7 @@ impl Settings {
             relay_timeout,
             relay_pool_size,
             default_from,
+            dkim_keys,
             workers,
             delivery_retry_schedule,
             delivery_give_up_after,
@@ -181,6 +234,7 @@ pub struct Config {
     pub relays: Vec<RelayConfig>,
     pub relay_ca_file: Option<PathBuf>,
     pub default_from: Option<String>,
+    pub dkim_keys: Vec<DkimKeyConfig>,
     pub workers: usize,
     pub delivery_retry_schedule: Vec<Duration>,
     pub delivery_give_up_after: Duration,
@@ -304,6 +358,7 @@ impl Config {
             relays,
             relay_ca_file: s.relay_ca_file.filter(|p| !p.is_empty()).map(PathBuf::from),
             default_from,
+            dkim_keys: parse_dkim_keys(s.dkim_keys.as_deref().unwrap_or(""))?,
             workers: required("MAILROOM_WORKERS", s.workers)?.clamp(1, 4096),
             delivery_retry_schedule: parse_schedule(
                 "MAILROOM_DELIVERY_RETRY_SCHEDULE",
@@ -383,6 +438,28 @@ mod tests {
             Duration::from_secs(72 * 3600)
         );
         assert_eq!(config.webhook_retry_schedule.len(), 7);
+        assert!(config.dkim_keys.is_empty());
+    }
+
+    #[test]
+    fn dkim_keys_parse_and_reject_bad_entries() {
+        let keys =
+            parse_dkim_keys(" Example.COM.:s1:/k/a.pem , mail.other.org:sel.2025:C:/keys/b.pem")
+                .unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0].domain, "example.com");
+        assert_eq!(keys[0].key_file, PathBuf::from("/k/a.pem"));
+        assert_eq!(keys[1].selector, "sel.2025");
+        assert_eq!(keys[1].key_file, PathBuf::from("C:/keys/b.pem"));
+        assert!(parse_dkim_keys("").unwrap().is_empty());
+        for bad in [
+            "example.com:s1",
+            "example.com::/k.pem",
+            "exa mple.com:s1:/k.pem",
+            "a.com:s:/x,a.com:t:/y",
+        ] {
+            assert!(parse_dkim_keys(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

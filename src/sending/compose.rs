@@ -1,6 +1,7 @@
 //! Building the MIME message handed to relays: headers with RFC 2047
 //! encoded display names, IDN domains in ASCII, multipart/alternative text +
-//! HTML, attachments, a stable Message-ID. Bcc never appears in the headers.
+//! HTML, attachments, a stable Message-ID, a DKIM signature when the From
+//! domain has a key. Bcc never appears in the headers.
 
 use std::time::SystemTime;
 
@@ -8,6 +9,7 @@ use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Attachment as MimeAttachment, MultiPart, SinglePart};
 use lettre::Message;
 
+use super::dkim::DkimSigner;
 use super::request::Attachment;
 use crate::domain::Mailbox;
 use crate::templates::Rendered;
@@ -44,7 +46,12 @@ fn body(rendered: &Rendered) -> Result<MultiPart, SinglePart> {
 }
 
 /// The message as bytes (ASCII: every part is transfer-encoded).
-pub fn compose(e: &Envelope<'_>, rendered: &Rendered) -> Result<String, ComposeError> {
+/// Signed with DKIM when `dkim` has a key for the From domain.
+pub fn compose(
+    e: &Envelope<'_>,
+    rendered: &Rendered,
+    dkim: Option<&DkimSigner>,
+) -> Result<String, ComposeError> {
     let mut builder = Message::builder()
         .from(e.from.to_lettre().map_err(err)?)
         .subject(rendered.subject.clone())
@@ -63,7 +70,7 @@ pub fn compose(e: &Envelope<'_>, rendered: &Rendered) -> Result<String, ComposeE
         let name = HeaderName::new_from_ascii(name.clone()).map_err(err)?;
         builder = builder.raw_header(HeaderValue::new(name, value.clone()));
     }
-    let message = if e.attachments.is_empty() {
+    let mut message = if e.attachments.is_empty() {
         match body(rendered) {
             Ok(multi) => builder.multipart(multi),
             Err(single) => builder.singlepart(single),
@@ -82,6 +89,9 @@ pub fn compose(e: &Envelope<'_>, rendered: &Rendered) -> Result<String, ComposeE
         builder.multipart(mixed)
     }
     .map_err(err)?;
+    if let Some(dkim) = dkim {
+        dkim.sign(&mut message, e.from.email.ascii_domain());
+    }
     String::from_utf8(message.formatted()).map_err(err)
 }
 
@@ -108,7 +118,7 @@ mod tests {
             html: Some("<p>你好</p>".into()),
             text: Some("你好".into()),
         };
-        let mime = compose(&e, &rendered).unwrap();
+        let mime = compose(&e, &rendered, None).unwrap();
         assert!(mime.is_ascii());
         assert!(mime.contains("xn--fsqu00a.xn--fiqs8s"));
         assert!(mime.contains("=?utf-8?"));

@@ -4,6 +4,7 @@
 
 mod commit;
 mod compose;
+mod dkim;
 pub mod request;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 pub use commit::{CommitError, Committer};
+pub use dkim::{DkimError, DkimSigner};
 pub use request::{Content, SendRequest};
 
 use crate::domain::{new_id, now_ms, Mailbox, Millis, Priority, Status};
@@ -48,6 +50,7 @@ pub struct SenderSettings {
     pub default_from: Option<Mailbox>,
     pub idempotency_ttl: Duration,
     pub max_attachment_bytes: usize,
+    pub dkim: DkimSigner,
 }
 
 /// How long template lookups are cached. Versions are immutable; a new
@@ -219,9 +222,11 @@ impl Sender {
             date: SystemTime::now(),
         };
         let compose_err = |e: compose::ComposeError| ApiError::validation("", e.to_string());
-        let mime = compose::compose(&envelope, &rendered).map_err(compose_err)?;
+        let mime = compose::compose(&envelope, &rendered, Some(&self.settings.dkim))
+            .map_err(compose_err)?;
+        // The redacted copy is only ever shown, never sent: not signed.
         let mime_redacted = match &redacted {
-            Some(r) => Some(compose::compose(&envelope, r).map_err(compose_err)?),
+            Some(r) => Some(compose::compose(&envelope, r, None).map_err(compose_err)?),
             None => None,
         };
         let status = if req.send_at.is_some() {
@@ -551,7 +556,7 @@ impl Sender {
             message_id: "<preview@mailroom.example>",
             date: SystemTime::now(),
         };
-        let mime = compose::compose(&envelope, &rendered)
+        let mime = compose::compose(&envelope, &rendered, None)
             .map_err(|e| ApiError::validation("", e.to_string()))?;
         Ok(Preview {
             rendered,

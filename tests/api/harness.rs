@@ -35,7 +35,7 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
-fn support(script: &str) -> PathBuf {
+pub fn support(script: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/support")
         .join(script)

@@ -290,3 +290,141 @@ async fn fails_over_from_dead_relay(stack: Stack) {
     assert_eq!(attempts[1]["outcome"], "delivered");
     app.stop().await;
 }
+
+/// Runs a command and returns its stdout, failing the test on error.
+fn run(program: &str, args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The DKIM TXT record's `p=` value of a private key file: the DER
+/// SubjectPublicKeyInfo for RSA, the raw 32-byte key for Ed25519 (RFC 8463).
+fn dkim_public(key: &std::path::Path, ed25519: bool) -> String {
+    let der = run(
+        "openssl",
+        &[
+            "pkey",
+            "-in",
+            key.to_str().unwrap(),
+            "-pubout",
+            "-outform",
+            "DER",
+        ],
+    );
+    let raw = if ed25519 {
+        &der[der.len() - 32..]
+    } else {
+        &der[..]
+    };
+    base64::engine::general_purpose::STANDARD.encode(raw)
+}
+
+/// `dkimpy`'s verdict on a received message, with the given TXT records.
+fn dkim_verdict(dir: &std::path::Path, raw: &[u8], records: &[String]) -> String {
+    let file = dir.join(format!("{}.eml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&file, raw).unwrap();
+    let mut args = vec![
+        crate::harness::support("dkim_verify.py")
+            .display()
+            .to_string(),
+        file.display().to_string(),
+    ];
+    args.extend(records.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    String::from_utf8(run("python3", &args))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Mail from a domain with a DKIM key (or a subdomain of one) is signed and
+/// verifies with `dkimpy` (RSA and Ed25519); a changed body fails; mail from
+/// other domains is not signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dkim_signatures_verify_with_dkimpy() {
+    let env = Env::new(Stack::Embedded).await;
+    let smtp = Smtp::start();
+    let dir = crate::harness::temp_dir("dkim");
+    let rsa = dir.join("rsa.pem");
+    let ed = dir.join("ed.pem");
+    run(
+        "openssl",
+        &["genrsa", "-out", rsa.to_str().unwrap(), "2048"],
+    );
+    run(
+        "openssl",
+        &[
+            "genpkey",
+            "-algorithm",
+            "ed25519",
+            "-out",
+            ed.to_str().unwrap(),
+        ],
+    );
+    let records = vec![
+        format!(
+            "rsa1._domainkey.acme.test=v=DKIM1; k=rsa; p={}",
+            dkim_public(&rsa, false)
+        ),
+        format!(
+            "ed1._domainkey.ed.example=v=DKIM1; k=ed25519; p={}",
+            dkim_public(&ed, true)
+        ),
+    ];
+    let mut settings = env.settings(Some(smtp.relay()));
+    settings.dkim_keys = Some(format!(
+        "acme.test:rsa1:{}, ed.example:ed1:{}",
+        rsa.display(),
+        ed.display()
+    ));
+    let app = TestApp::spawn(settings).await;
+
+    let mut from_sub = code_to("rsa@example.com");
+    from_sub["from"] = json!("Acme <no-reply@Mail.Acme.test>");
+    app.api.send(from_sub).await;
+    let mut from_ed = code_to("ed@example.com");
+    from_ed["from"] = json!("Ed <hi@ed.example>");
+    // An encoded-word subject and a non-ASCII body are signed as sent.
+    from_ed["locale"] = json!("zh-CN");
+    app.api.send(from_ed).await;
+    let mut unsigned = code_to("plain@example.com");
+    unsigned["from"] = json!("Other <hi@other.example>");
+    app.api.send(unsigned).await;
+
+    let raw = |m: &serde_json::Value| {
+        base64::engine::general_purpose::STANDARD
+            .decode(m["raw_b64"].as_str().unwrap())
+            .unwrap()
+    };
+    let signed_rsa = raw(&smtp.wait_for("rsa@example.com").await);
+    let text = String::from_utf8_lossy(&signed_rsa).to_string();
+    assert!(
+        text.contains("a=rsa-sha256; d=acme.test; s=rsa1;"),
+        "{text}"
+    );
+    assert_eq!(dkim_verdict(&dir, &signed_rsa, &records), "pass");
+    let tampered = text.replacen("493817", "000000", 1);
+    assert_ne!(tampered, text, "the code is in the body");
+    assert_eq!(dkim_verdict(&dir, tampered.as_bytes(), &records), "fail");
+
+    let signed_ed = raw(&smtp.wait_for("ed@example.com").await);
+    let text = String::from_utf8_lossy(&signed_ed).to_string();
+    assert!(
+        text.contains("a=ed25519-sha256; d=ed.example; s=ed1;"),
+        "{text}"
+    );
+    assert!(text.contains("Subject: =?utf-8?"), "{text}");
+    assert_eq!(dkim_verdict(&dir, &signed_ed, &records), "pass");
+
+    let plain = raw(&smtp.wait_for("plain@example.com").await);
+    assert!(!String::from_utf8_lossy(&plain).contains("DKIM-Signature"));
+    app.stop().await;
+}
