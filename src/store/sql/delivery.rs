@@ -137,17 +137,17 @@ async fn update_recipients(tx: &mut AnyConnection, reports: &[DeliveryReport]) -
         .iter()
         .flat_map(|rep| rep.results.iter().map(move |r| (rep, r)))
         .collect();
-    for chunk in rows.chunks(batch::rows_per_chunk(RECIPIENT_UPDATE_COLS)) {
+    for (chunk, size) in batch::padded(&rows, RECIPIENT_UPDATE_COLS) {
         let sql = format!(
             "UPDATE recipients SET status = v.column3, attempts = attempts + v.column4, \
              next_attempt_at = v.column5, smtp_code = COALESCE(v.column6, smtp_code), \
              enhanced_code = COALESCE(v.column7, enhanced_code), response = COALESCE(v.column8, response), \
              canceled_reason = v.column9, updated_at = v.column10 \
              FROM (VALUES {}) AS v WHERE recipients.message_id = v.column1 AND recipients.idx = v.column2",
-            batch::values(chunk.len(), RECIPIENT_UPDATE_COLS, 1)
+            batch::values(size, RECIPIENT_UPDATE_COLS, 1)
         );
-        let mut query = batch::query(&sql, chunk.len());
-        for (report, r) in chunk {
+        let mut query = batch::query(&sql);
+        for (report, r) in batch::fill(chunk, size) {
             let last = r.attempts.last();
             query = query
                 .bind(&report.message_id)
@@ -175,13 +175,13 @@ async fn insert_attempts(tx: &mut AnyConnection, reports: &[DeliveryReport]) -> 
                 .flat_map(move |r| r.attempts.iter().map(move |a| (rep, r, a)))
         })
         .collect();
-    for chunk in rows.chunks(batch::rows_per_chunk(10)) {
+    for chunk in batch::split(&rows, 10) {
         let sql = format!(
             "INSERT INTO attempts (message_id, recipient_idx, recipient, at, relay, outcome, \
              smtp_code, enhanced_code, response, duration_ms) VALUES {}",
             batch::values(chunk.len(), 10, 1)
         );
-        let mut query = batch::query(&sql, chunk.len());
+        let mut query = batch::query(&sql);
         for (report, r, a) in chunk {
             query = query
                 .bind(&report.message_id)

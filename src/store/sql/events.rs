@@ -160,13 +160,13 @@ pub struct PendingEvent {
 /// Writes events and their pending webhook deliveries: one multi-row
 /// statement each (per chunk).
 pub async fn write_events(conn: &mut AnyConnection, events: &[PendingEvent]) -> StoreResult<()> {
-    for chunk in events.chunks(batch::rows_per_chunk(8)) {
+    for chunk in batch::split(events, 8) {
         let sql = format!(
             "INSERT INTO events (id, type, message_id, key_id, recipient, message_seq, payload, \
              created_at) VALUES {}",
             batch::values(chunk.len(), 8, 1)
         );
-        let mut query = batch::query(&sql, chunk.len());
+        let mut query = batch::query(&sql);
         for e in chunk {
             query = query
                 .bind(&e.id)
@@ -184,14 +184,14 @@ pub async fn write_events(conn: &mut AnyConnection, events: &[PendingEvent]) -> 
         .iter()
         .flat_map(|e| e.targets.iter().map(move |t| (e, t)))
         .collect();
-    for chunk in deliveries.chunks(batch::rows_per_chunk(4)) {
+    for chunk in batch::split(&deliveries, 4) {
         let sql = format!(
             "INSERT INTO webhook_deliveries (id, webhook_id, event_id, next_attempt_at, status, \
              attempts, created_at, updated_at) SELECT v.column1, v.column2, v.column3, v.column4, \
              'pending', 0, v.column4, v.column4 FROM (VALUES {}) AS v",
             batch::values(chunk.len(), 4, 1)
         );
-        let mut query = batch::query(&sql, chunk.len());
+        let mut query = batch::query(&sql);
         for (event, webhook_id) in chunk {
             query = query
                 .bind(format!("dlv_{}", new_id().replace('-', "")))

@@ -123,6 +123,25 @@ fn bind_recipients<'q>(
     query
 }
 
+/// `WITH m AS (INSERT messages), b AS (INSERT bodies), r AS (INSERT
+/// recipients) SELECT 1` for `rows`.
+fn one_statement_insert_sql(rows: &[&NewMessage]) -> String {
+    let recipients: usize = rows.iter().map(|m| m.recipients.len()).sum();
+    let bodies_from = 1 + rows.len() * MESSAGE_INSERT_COLS;
+    format!(
+        "WITH m AS ({}), b AS ({}), r AS ({}) SELECT 1",
+        messages_insert_sql(rows.len(), 1),
+        bodies_insert_sql(rows.len(), bodies_from),
+        recipients_insert_sql(recipients, bodies_from + rows.len() * BODY_INSERT_COLS)
+    )
+}
+
+fn bind_one_statement<'q>(sql: &'q str, rows: &[&'q NewMessage], now: Millis) -> AnyQuery<'q> {
+    let query = bind_messages(batch::query(sql), rows, now);
+    let query = bind_bodies(query, rows);
+    bind_recipients(query, &recipient_rows(rows), now)
+}
+
 impl SqlStore {
     /// Inserts messages and their recipients: one multi-row statement per
     /// table (per chunk), whatever the group size.
@@ -132,29 +151,31 @@ impl SqlStore {
         messages: &[&NewMessage],
         now: Millis,
     ) -> StoreResult<()> {
-        for chunk in messages.chunks(batch::rows_per_chunk(MESSAGE_INSERT_COLS)) {
+        for chunk in batch::split(messages, MESSAGE_INSERT_COLS) {
             let sql = messages_insert_sql(chunk.len(), 1);
-            bind_messages(batch::query(&sql, chunk.len()), chunk, now)
+            bind_messages(batch::query(&sql), chunk, now)
                 .execute(&mut *conn)
                 .await?;
             let sql = bodies_insert_sql(chunk.len(), 1);
-            bind_bodies(batch::query(&sql, chunk.len()), chunk)
+            bind_bodies(batch::query(&sql), chunk)
                 .execute(&mut *conn)
                 .await?;
         }
         let rows = recipient_rows(messages);
-        for chunk in rows.chunks(batch::rows_per_chunk(RECIPIENT_INSERT_COLS)) {
+        for chunk in batch::split(&rows, RECIPIENT_INSERT_COLS) {
             let sql = recipients_insert_sql(chunk.len(), 1);
-            bind_recipients(batch::query(&sql, chunk.len()), chunk, now)
+            bind_recipients(batch::query(&sql), chunk, now)
                 .execute(&mut *conn)
                 .await?;
         }
         Ok(())
     }
 
-    /// Postgres, plain messages (no collapse key, no idempotency key): both
-    /// inserts in one statement, which is its own transaction: one round
-    /// trip for the whole group. `false` if the group does not qualify.
+    /// Postgres, plain messages (no collapse key, no idempotency key): the
+    /// three inserts in one statement per power-of-two chunk of the group.
+    /// A group that fits one chunk is one round trip (the statement is its
+    /// own transaction); a larger one runs its chunks in one transaction.
+    /// `false` if the group does not qualify.
     async fn insert_in_one_statement(
         &self,
         messages: &[NewMessage],
@@ -167,27 +188,34 @@ impl SqlStore {
             return Ok(false);
         }
         let rows: Vec<&NewMessage> = messages.iter().collect();
-        let recipients = recipient_rows(&rows);
-        let params = rows.len() * (MESSAGE_INSERT_COLS + BODY_INSERT_COLS)
-            + recipients.len() * RECIPIENT_INSERT_COLS;
-        if params > batch::rows_per_chunk(1) {
+        let chunks = batch::split(
+            &rows,
+            MESSAGE_INSERT_COLS + BODY_INSERT_COLS + RECIPIENT_INSERT_COLS,
+        );
+        let fits = |chunk: &[&NewMessage]| {
+            let recipients: usize = chunk.iter().map(|m| m.recipients.len()).sum();
+            chunk.len() * (MESSAGE_INSERT_COLS + BODY_INSERT_COLS)
+                + recipients * RECIPIENT_INSERT_COLS
+                <= batch::MAX_PARAMS
+        };
+        if !chunks.iter().all(|c| fits(c)) {
             return Ok(false);
         }
-        let bodies_from = 1 + rows.len() * MESSAGE_INSERT_COLS;
-        let sql = format!(
-            "WITH m AS ({}), b AS ({}), r AS ({}) SELECT 1",
-            messages_insert_sql(rows.len(), 1),
-            bodies_insert_sql(rows.len(), bodies_from),
-            recipients_insert_sql(
-                recipients.len(),
-                bodies_from + rows.len() * BODY_INSERT_COLS
-            )
-        );
-        let query = bind_messages(batch::query(&sql, rows.len()), &rows, now);
-        let query = bind_bodies(query, &rows);
-        bind_recipients(query, &recipients, now)
-            .execute(&self.pool)
-            .await?;
+        if let [only] = chunks.as_slice() {
+            let sql = one_statement_insert_sql(only);
+            bind_one_statement(&sql, only, now)
+                .execute(&self.pool)
+                .await?;
+            return Ok(true);
+        }
+        let mut tx = self.pool.begin().await?;
+        for chunk in chunks {
+            let sql = one_statement_insert_sql(chunk);
+            bind_one_statement(&sql, chunk, now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(true)
     }
 
@@ -362,15 +390,15 @@ pub async fn recompute_messages(
         updates.push((*id, status, next, status.is_final() && *redact));
         out.insert(id.to_string(), (status, next));
     }
-    for chunk in updates.chunks(batch::rows_per_chunk(3)) {
+    for (chunk, size) in batch::padded(&updates, 3) {
         let sql = format!(
             "UPDATE messages SET status = v.column2, next_attempt_at = v.column3, updated_at = $1, \
              lease_until = NULL, lease_owner = NULL \
              FROM (VALUES {}) AS v WHERE messages.id = v.column1",
-            batch::values(chunk.len(), 3, 2)
+            batch::values(size, 3, 2)
         );
-        let mut query = batch::query(&sql, chunk.len()).bind(now);
-        for (id, status, next, _) in chunk {
+        let mut query = batch::query(&sql).bind(now);
+        for (id, status, next, _) in batch::fill(chunk, size) {
             query = query.bind(*id).bind(status.as_str()).bind(*next);
         }
         query.execute(&mut *conn).await?;

@@ -94,6 +94,15 @@ impl SqlStore {
                         {
                             tracing::debug!(error = %e, "lz4 TOAST compression unavailable");
                         }
+                        // Every statement Mailroom runs is served by an
+                        // index, and the hot ones are prepared once per
+                        // connection. A prepared statement's generic plan
+                        // is costed once, when it is first cached: made
+                        // while a table is small (a fresh install, the first
+                        // minute of a spike) it is a sequential scan, and
+                        // it stays one while the table grows, until the
+                        // next autoanalyze, costing O(table) per call.
+                        conn.execute("SET enable_seqscan = off").await?;
                         Ok(())
                     })
                 }),
@@ -116,6 +125,14 @@ impl SqlStore {
             // Create the database file if it does not exist yet.
             Backend::Sqlite if !url.contains("mode=") => {
                 format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
+            }
+            // Multi-row statements have up to seven texts each (see
+            // `batch`); keep them all prepared rather than evicting.
+            Backend::Postgres if !url.contains("statement-cache-capacity") => {
+                format!(
+                    "{url}{}statement-cache-capacity=256",
+                    if url.contains('?') { '&' } else { '?' }
+                )
             }
             _ => url.to_string(),
         };
