@@ -268,6 +268,9 @@ impl Queue for RedisQueue {
     }
 
     async fn ack(&self, jobs: &[Job]) -> Result<(), QueueError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
         let mut pipe = ::redis::pipe();
         for lane in Priority::ALL {
             let tokens: Vec<&str> = jobs
@@ -288,9 +291,6 @@ impl Queue for RedisQueue {
                 .arg(&stream)
                 .arg(&tokens)
                 .ignore();
-        }
-        if jobs.is_empty() {
-            return Ok(());
         }
         self.conn
             .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })

@@ -10,9 +10,11 @@
 //! padded up to the bucket by repeating their last key or row, which
 //! changes nothing; inserts are split into power-of-two chunks instead.
 
+use std::collections::HashMap;
+
 use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::query::Query;
-use sqlx::{Any, AnyConnection};
+use sqlx::{Any, AnyConnection, Row};
 
 /// Most bind parameters per statement (SQLite allows 32,766, Postgres 65,535).
 pub const MAX_PARAMS: usize = 30_000;
@@ -94,11 +96,6 @@ pub fn list(n: usize, first: usize) -> String {
         .join(",")
 }
 
-/// A multi-row query: prepared and kept (its row count is a bucket size).
-pub fn query(sql: &str) -> Query<'_, Any, AnyArguments<'_>> {
-    sqlx::query(sql)
-}
-
 /// A query being built over the `Any` driver.
 pub type AnyQuery<'q> = Query<'q, Any, AnyArguments<'q>>;
 
@@ -110,6 +107,24 @@ pub async fn select_in(
     keys: &[&str],
 ) -> Result<Vec<AnyRow>, sqlx::Error> {
     fetch_in(conn, sql, keys, 0, |q| q).await
+}
+
+/// Like [`select_in`] for a statement that selects two columns, `k` (the
+/// key) and `v`: the rows as a map from key to value.
+pub async fn select_map<T>(
+    conn: &mut AnyConnection,
+    sql: &str,
+    keys: &[&str],
+) -> Result<HashMap<String, T>, sqlx::Error>
+where
+    T: for<'r> sqlx::Decode<'r, Any> + sqlx::Type<Any>,
+{
+    let rows = select_in(conn, sql, keys).await?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for row in rows {
+        out.insert(row.try_get("k")?, row.try_get("v")?);
+    }
+    Ok(out)
 }
 
 /// Like [`select_in`] for a statement with `leading` parameters before the
@@ -124,7 +139,7 @@ pub async fn fetch_in(
     let mut rows = Vec::new();
     for (chunk, size) in padded(keys, 1) {
         let text = sql.replace("{keys}", &list(size, leading + 1));
-        let mut q = bind(query(&text));
+        let mut q = bind(sqlx::query(&text));
         for key in fill(chunk, size) {
             q = q.bind(*key);
         }

@@ -81,18 +81,13 @@ impl SqlStore {
 
     /// The (unredacted) MIME of each message that still has it.
     async fn bodies(tx: &mut AnyConnection, ids: &[&str]) -> StoreResult<HashMap<String, String>> {
-        let rows = batch::select_in(
+        Ok(batch::select_map(
             tx,
-            "SELECT message_id, mime FROM message_bodies WHERE mime IS NOT NULL \
+            "SELECT message_id AS k, mime AS v FROM message_bodies WHERE mime IS NOT NULL \
              AND message_id IN ({keys})",
             ids,
         )
-        .await?;
-        let mut out = HashMap::with_capacity(ids.len());
-        for row in rows {
-            out.insert(row.try_get("message_id")?, row.try_get("mime")?);
-        }
-        Ok(out)
+        .await?)
     }
 
     /// Marks the due recipients of leased messages `sending`; returns them
@@ -146,7 +141,7 @@ async fn update_recipients(tx: &mut AnyConnection, reports: &[DeliveryReport]) -
              FROM (VALUES {}) AS v WHERE recipients.message_id = v.column1 AND recipients.idx = v.column2",
             batch::values(size, RECIPIENT_UPDATE_COLS, 1)
         );
-        let mut query = batch::query(&sql);
+        let mut query = sqlx::query(&sql);
         for (report, r) in batch::fill(chunk, size) {
             let last = r.attempts.last();
             query = query
@@ -181,7 +176,7 @@ async fn insert_attempts(tx: &mut AnyConnection, reports: &[DeliveryReport]) -> 
              smtp_code, enhanced_code, response, duration_ms) VALUES {}",
             batch::values(chunk.len(), 10, 1)
         );
-        let mut query = batch::query(&sql);
+        let mut query = sqlx::query(&sql);
         for (report, r, a) in chunk {
             query = query
                 .bind(&report.message_id)
@@ -355,6 +350,9 @@ impl DeliveryStore for SqlStore {
         .fetch_all(&self.pool)
         .await?;
         let due = due_rows(&found)?;
+        if due.is_empty() {
+            return Ok(due);
+        }
         let ids: Vec<&str> = due.iter().map(|(id, _, _)| id.as_str()).collect();
         let mut conn = self.pool.acquire().await?;
         batch::fetch_in(
@@ -425,6 +423,9 @@ impl DeliveryStore for SqlStore {
         let mut lower: Vec<String> = emails.iter().map(|e| e.to_lowercase()).collect();
         lower.sort_unstable();
         lower.dedup();
+        if lower.is_empty() {
+            return Ok(Vec::new());
+        }
         let keys: Vec<&str> = lower.iter().map(String::as_str).collect();
         let mut conn = self.pool.acquire().await?;
         let rows = batch::select_in(

@@ -49,18 +49,13 @@ pub async fn last_sequences(
     conn: &mut AnyConnection,
     message_ids: &[&str],
 ) -> StoreResult<HashMap<String, i64>> {
-    let rows = batch::select_in(
+    Ok(batch::select_map(
         conn,
-        "SELECT message_id, MAX(message_seq) AS s FROM events WHERE message_id IN ({keys}) \
-         GROUP BY message_id",
+        "SELECT message_id AS k, MAX(message_seq) AS v FROM events \
+         WHERE message_id IN ({keys}) GROUP BY message_id",
         message_ids,
     )
-    .await?;
-    let mut out = HashMap::with_capacity(message_ids.len());
-    for row in rows {
-        out.insert(row.try_get("message_id")?, row.try_get("s")?);
-    }
-    Ok(out)
+    .await?)
 }
 
 /// Builds the event for a status change (`None` if the status is not
@@ -166,7 +161,7 @@ pub async fn write_events(conn: &mut AnyConnection, events: &[PendingEvent]) -> 
              created_at) VALUES {}",
             batch::values(chunk.len(), 8, 1)
         );
-        let mut query = batch::query(&sql);
+        let mut query = sqlx::query(&sql);
         for e in chunk {
             query = query
                 .bind(&e.id)
@@ -191,7 +186,7 @@ pub async fn write_events(conn: &mut AnyConnection, events: &[PendingEvent]) -> 
              'pending', 0, v.column4, v.column4 FROM (VALUES {}) AS v",
             batch::values(chunk.len(), 4, 1)
         );
-        let mut query = batch::query(&sql);
+        let mut query = sqlx::query(&sql);
         for (event, webhook_id) in chunk {
             query = query
                 .bind(format!("dlv_{}", new_id().replace('-', "")))

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use sqlx::{AnyConnection, Row};
 
+use super::batch::{self, AnyQuery};
 use super::events::{last_sequences, message_event, subscriptions, write_events, MessageEvent};
-use super::{batch, rows, to_json, Backend, SqlStore};
+use super::{rows, to_json, Backend, SqlStore};
 use crate::domain::{Millis, Status};
 use crate::store::records::*;
 use crate::store::{MessageStore, StoreError, StoreResult};
@@ -20,8 +21,6 @@ const MESSAGE_INSERT_COLS: usize = 22;
 const BODY_INSERT_COLS: usize = 3;
 /// Columns bound per recipient row.
 const RECIPIENT_INSERT_COLS: usize = 9;
-
-use batch::AnyQuery;
 
 fn messages_insert_sql(rows: usize, first: usize) -> String {
     format!(
@@ -137,7 +136,7 @@ fn one_statement_insert_sql(rows: &[&NewMessage]) -> String {
 }
 
 fn bind_one_statement<'q>(sql: &'q str, rows: &[&'q NewMessage], now: Millis) -> AnyQuery<'q> {
-    let query = bind_messages(batch::query(sql), rows, now);
+    let query = bind_messages(sqlx::query(sql), rows, now);
     let query = bind_bodies(query, rows);
     bind_recipients(query, &recipient_rows(rows), now)
 }
@@ -153,18 +152,18 @@ impl SqlStore {
     ) -> StoreResult<()> {
         for chunk in batch::split(messages, MESSAGE_INSERT_COLS) {
             let sql = messages_insert_sql(chunk.len(), 1);
-            bind_messages(batch::query(&sql), chunk, now)
+            bind_messages(sqlx::query(&sql), chunk, now)
                 .execute(&mut *conn)
                 .await?;
             let sql = bodies_insert_sql(chunk.len(), 1);
-            bind_bodies(batch::query(&sql), chunk)
+            bind_bodies(sqlx::query(&sql), chunk)
                 .execute(&mut *conn)
                 .await?;
         }
         let rows = recipient_rows(messages);
         for chunk in batch::split(&rows, RECIPIENT_INSERT_COLS) {
             let sql = recipients_insert_sql(chunk.len(), 1);
-            bind_recipients(batch::query(&sql), chunk, now)
+            bind_recipients(sqlx::query(&sql), chunk, now)
                 .execute(&mut *conn)
                 .await?;
         }
@@ -349,8 +348,8 @@ pub async fn recompute_message(
 
 /// Re-derives each message's status and next due time from its recipients,
 /// releases its lease, and (when final and its flag is set) drops the
-/// unredacted MIME so secret values do not outlive delivery. Two statements
-/// for the whole group.
+/// unredacted MIME so secret values do not outlive delivery. Three
+/// statements for the whole group (read, update, redact).
 pub async fn recompute_messages(
     conn: &mut AnyConnection,
     messages: &[(&str, bool)],
@@ -397,7 +396,7 @@ pub async fn recompute_messages(
              FROM (VALUES {}) AS v WHERE messages.id = v.column1",
             batch::values(size, 3, 2)
         );
-        let mut query = batch::query(&sql).bind(now);
+        let mut query = sqlx::query(&sql).bind(now);
         for (id, status, next, _) in batch::fill(chunk, size) {
             query = query.bind(*id).bind(status.as_str()).bind(*next);
         }
