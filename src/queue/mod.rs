@@ -49,7 +49,8 @@ pub trait Queue: Send + Sync {
     async fn enqueue(&self, items: &[(String, Priority)]) -> Result<(), QueueError>;
     /// Makes an id available at `at` (now or past: immediately).
     async fn schedule(&self, id: &str, lane: Priority, at: Millis) -> Result<(), QueueError>;
-    /// Up to `max` jobs, waiting up to `wait` for the first.
+    /// Up to `max` jobs, waiting up to `wait` for the first (a zero `wait`
+    /// only takes what is ready).
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Job>, QueueError>;
     /// Forgets received jobs (done, or not ours to do); one round trip.
     async fn ack(&self, jobs: &[Job]) -> Result<(), QueueError>;

@@ -257,7 +257,7 @@ impl Queue for RedisQueue {
                 .await?;
             jobs.extend(got);
         }
-        if !jobs.is_empty() {
+        if !jobs.is_empty() || wait.is_zero() {
             return Ok(jobs);
         }
         // Nothing ready: block on all lanes, but not past the next delayed
