@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs Mailroom's whole test suite on a fresh Debian machine: installs what is
 # missing (PostgreSQL and Redis binaries, openssl, the Python SMTP server,
-# the Standard Webhooks library and dkimpy), then checks formatting and lints and runs every
+# the Standard Webhooks library, dkimpy and schemathesis), then checks formatting and lints and runs every
 # test. The suite starts its own Postgres, Redis, SMTP and webhook servers on
 # free ports; it never uses the machine's shared instances.
 set -euo pipefail
@@ -21,8 +21,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
-PY_DEPS=(aiosmtpd standardwebhooks trustme dkimpy pynacl)
-if ! python3 -c "import aiosmtpd, standardwebhooks, trustme, dkim, nacl" 2>/dev/null; then
+PY_DEPS=(aiosmtpd standardwebhooks trustme dkimpy pynacl "schemathesis>=4,<5")
+if ! python3 -c "import aiosmtpd, standardwebhooks, trustme, dkim, nacl, schemathesis" 2>/dev/null; then
   echo "== installing ${PY_DEPS[*]} from PyPI"
   python3 -m pip install --quiet "${PY_DEPS[@]}" 2>/dev/null \
     || python3 -m pip install --quiet --break-system-packages "${PY_DEPS[@]}"

@@ -87,7 +87,10 @@ impl Application {
         }
         let config = Arc::new(config);
         let store = open_store(&config).await?;
-        for t in builtins() {
+        // Built-ins are dated by the install that first stored them.
+        let installed = now_ms();
+        for mut t in builtins() {
+            t.created_at = installed;
             store.seed_builtin(&t).await?;
         }
         let (queue, limiter): (Arc<dyn Queue>, Arc<dyn Limiter>) = match &config.redis_url {

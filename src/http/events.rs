@@ -35,6 +35,13 @@ async fn list(
         })
         .transpose()?;
     let limit = params.limit()?;
+    let types = super::webhooks::event_types();
+    if let Some(t) = params.str("type").filter(|t| !types.contains(t)) {
+        return Err(ApiError::validation(
+            "type",
+            format!("unknown event type {t:?}; one of {}", types.join(", ")),
+        ));
+    }
     let filter = EventFilter {
         after_seq: after,
         event_type: params.str("type").map(str::to_string),

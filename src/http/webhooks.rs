@@ -32,7 +32,8 @@ pub fn routes(r: Routes) -> Routes {
         .post("/v1/webhooks/{id}/test", test)
 }
 
-fn event_types() -> Vec<&'static str> {
+/// Every event type a webhook can subscribe to (and `/v1/events` filter by).
+pub(crate) fn event_types() -> Vec<&'static str> {
     Status::ALL.iter().filter_map(|s| s.event_type()).collect()
 }
 
