@@ -262,15 +262,18 @@ impl DeliveryStore for SqlStore {
         // One lock order for every claimer.
         ids.sort_unstable();
         ids.dedup();
-        let mut tx = self.pool.begin().await?;
-        if self.backend == Backend::Postgres {
-            // A lease need not survive a crash (a lost one only means the
-            // message is claimed again), so its commit skips the WAL flush;
-            // the durable commit of the outcome flushes it anyway.
-            sqlx::query("SET LOCAL synchronous_commit = off")
-                .execute(&mut *tx)
-                .await?;
-        }
+        // A lease need not survive a crash (a lost one only means the
+        // message is claimed again), so on Postgres its commit skips the WAL
+        // flush (the durable commit of the outcome flushes it anyway). Sent
+        // with the BEGIN, in the same round trip.
+        let mut tx = match self.backend {
+            Backend::Postgres => {
+                self.pool
+                    .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
+                    .await?
+            }
+            Backend::Sqlite => self.pool.begin().await?,
+        };
         let taken = Self::lease_messages(&mut tx, &ids, owner, now, lease_until).await?;
         let taken_ids: Vec<&str> = taken.iter().map(|(m, _)| m.id.as_str()).collect();
         let mut recipients = Self::take_recipients(&mut tx, &taken_ids, now).await?;
