@@ -21,7 +21,12 @@ const GROUP: &str = "workers";
 const CLAIM_IDLE: Duration = Duration::from_secs(120);
 const AUTOCLAIM_EVERY: Duration = Duration::from_secs(15);
 
-const PROMOTE: &str = r#"
+/// One round trip for a non-blocking receive: moves due delayed entries
+/// (`lane|id` members of KEYS[1]) into their lane streams, then reads up to
+/// ARGV[6] new entries from the lane streams KEYS[2..] in that order.
+/// Returns flat `stream key, entry id, message id` triples. A missing group
+/// comes back as Redis's own NOGROUP error.
+const TAKE: &str = r#"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, member in ipairs(due) do
   redis.call('ZREM', KEYS[1], member)
@@ -30,7 +35,28 @@ for _, member in ipairs(due) do
   local id = string.sub(member, sep + 1)
   redis.call('XADD', ARGV[3] .. ':q:' .. lane, '*', 'id', id)
 end
-return #due
+local want = tonumber(ARGV[6])
+local out = {}
+for i = 2, #KEYS do
+  if want <= 0 then break end
+  local ok, reply = pcall(redis.call, 'XREADGROUP', 'GROUP', ARGV[4], ARGV[5],
+    'COUNT', want, 'STREAMS', KEYS[i], '>')
+  if not ok then return redis.error_reply(reply.err or tostring(reply)) end
+  if reply then
+    for _, entry in ipairs(reply[1][2]) do
+      local fields = entry[2]
+      local id = ''
+      for j = 1, #fields, 2 do
+        if fields[j] == 'id' then id = fields[j + 1] end
+      end
+      table.insert(out, KEYS[i])
+      table.insert(out, entry[1])
+      table.insert(out, id)
+      want = want - 1
+    end
+  end
+end
+return out
 "#;
 
 pub struct RedisQueue {
@@ -41,7 +67,7 @@ pub struct RedisQueue {
     consumer: String,
     tick: AtomicU64,
     last_autoclaim: Mutex<Instant>,
-    promote: ::redis::Script,
+    take: ::redis::Script,
 }
 
 fn unavailable(e: ::redis::RedisError) -> QueueError {
@@ -57,7 +83,7 @@ impl RedisQueue {
             consumer: format!("c-{}", uuid::Uuid::new_v4().simple()),
             tick: AtomicU64::new(0),
             last_autoclaim: Mutex::new(Instant::now()),
-            promote: ::redis::Script::new(PROMOTE),
+            take: ::redis::Script::new(TAKE),
         };
         queue.ensure_groups().await?;
         Ok(queue)
@@ -90,6 +116,55 @@ impl RedisQueue {
             }
         }
         Ok(())
+    }
+
+    /// Promotes due delayed entries and reads up to `max` ready ones, lanes
+    /// in [`lane_order`], in one round trip ([`TAKE`]).
+    async fn take(&self, max: usize) -> Result<Vec<Job>, QueueError> {
+        let order = lane_order(self.tick.fetch_add(1, Ordering::Relaxed));
+        let mut invocation = self.take.key(self.delayed());
+        for lane in order {
+            invocation.key(self.stream(lane));
+        }
+        invocation
+            .arg(now_ms())
+            .arg(1000)
+            .arg(&self.prefix)
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg(max);
+        let reply: Result<Vec<String>, ::redis::RedisError> = self
+            .conn
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await;
+        let flat = match reply {
+            Ok(flat) => flat,
+            Err(e) if e.code() == Some("NOGROUP") => {
+                // Redis lost our streams (restart, FLUSHALL): re-create them;
+                // the sweeper refills them from the store.
+                self.ensure_groups().await?;
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let mut jobs = Vec::with_capacity(flat.len() / 3);
+        for triple in flat.chunks_exact(3) {
+            let [key, token, id] = triple else { continue };
+            if id.is_empty() {
+                tracing::warn!(entry = %token, "queue entry without id");
+                continue;
+            }
+            let lane = Priority::ALL
+                .into_iter()
+                .find(|p| self.stream(*p) == *key)
+                .unwrap_or(Priority::Normal);
+            jobs.push(Job {
+                id: id.clone(),
+                lane,
+                token: token.clone(),
+            });
+        }
+        Ok(jobs)
     }
 
     fn jobs_from(&self, reply: StreamReadReply) -> Vec<Job> {
@@ -240,22 +315,9 @@ impl Queue for RedisQueue {
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Job>, QueueError> {
-        let mut promote = self.promote.key(self.delayed());
-        promote.arg(now_ms()).arg(1000).arg(&self.prefix);
-        self.conn
-            .run(|mut c| async move { promote.invoke_async::<i64>(&mut c).await })
-            .await
-            .map_err(unavailable)?;
         let mut jobs = self.autoclaim(max).await?;
-        let order = lane_order(self.tick.fetch_add(1, Ordering::Relaxed));
-        for lane in order {
-            if jobs.len() >= max {
-                break;
-            }
-            let got = self
-                .read(&self.conn, &[lane], max - jobs.len(), None)
-                .await?;
-            jobs.extend(got);
+        if jobs.len() < max {
+            jobs.extend(self.take(max - jobs.len()).await?);
         }
         if !jobs.is_empty() || wait.is_zero() {
             return Ok(jobs);
