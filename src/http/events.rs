@@ -35,8 +35,9 @@ async fn list(
         })
         .transpose()?;
     let limit = params.limit()?;
+    let event_type = params.str("type");
     let types = super::webhooks::event_types();
-    if let Some(t) = params.str("type").filter(|t| !types.contains(t)) {
+    if let Some(t) = event_type.filter(|t| !types.contains(t)) {
         return Err(ApiError::validation(
             "type",
             format!("unknown event type {t:?}; one of {}", types.join(", ")),
@@ -44,7 +45,7 @@ async fn list(
     }
     let filter = EventFilter {
         after_seq: after,
-        event_type: params.str("type").map(str::to_string),
+        event_type: event_type.map(str::to_string),
         key_id: auth.owner_filter(),
         created_before: now_ms() - SETTLE_MS,
         limit,

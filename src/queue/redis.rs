@@ -133,99 +133,84 @@ impl RedisQueue {
             .arg(GROUP)
             .arg(&self.consumer)
             .arg(max);
-        let reply: Result<Vec<String>, ::redis::RedisError> = self
+        let reply: Result<Vec<String>, _> = self
             .conn
             .run(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await;
-        let flat = match reply {
-            Ok(flat) => flat,
-            Err(e) if e.code() == Some("NOGROUP") => {
-                // Redis lost our streams (restart, FLUSHALL): re-create them;
-                // the sweeper refills them from the store.
-                self.ensure_groups().await?;
-                return Ok(Vec::new());
-            }
-            Err(e) => return Err(unavailable(e)),
+        let Some(flat) = self.unless_lost(reply).await? else {
+            return Ok(Vec::new());
         };
-        let mut jobs = Vec::with_capacity(flat.len() / 3);
-        for triple in flat.chunks_exact(3) {
-            let [key, token, id] = triple else { continue };
-            if id.is_empty() {
-                tracing::warn!(entry = %token, "queue entry without id");
-                continue;
-            }
-            let lane = Priority::ALL
-                .into_iter()
-                .find(|p| self.stream(*p) == *key)
-                .unwrap_or(Priority::Normal);
-            jobs.push(Job {
-                id: id.clone(),
-                lane,
-                token: token.clone(),
-            });
-        }
-        Ok(jobs)
+        Ok(flat
+            .chunks_exact(3)
+            .filter_map(|t| {
+                let id = Some(t[2].clone()).filter(|id| !id.is_empty());
+                self.job(&t[0], t[1].clone(), id)
+            })
+            .collect())
     }
 
-    fn jobs_from(&self, reply: StreamReadReply) -> Vec<Job> {
-        let mut jobs = Vec::new();
-        for key in reply.keys {
-            let lane = Priority::ALL
-                .into_iter()
-                .find(|p| self.stream(*p) == key.key)
-                .unwrap_or(Priority::Normal);
-            for entry in key.ids {
-                let id: Option<String> = entry.get("id");
-                match id {
-                    Some(id) => jobs.push(Job {
-                        id,
-                        lane,
-                        token: entry.id,
-                    }),
-                    None => tracing::warn!(entry = %entry.id, "queue entry without id"),
-                }
-            }
-        }
-        jobs
-    }
-
-    async fn read(
-        &self,
-        conn: &RedisConn,
-        lanes: &[Priority],
-        count: usize,
-        block: Option<Duration>,
-    ) -> Result<Vec<Job>, QueueError> {
+    /// Waits up to `block` for new entries on any lane.
+    async fn read_blocking(&self, count: usize, block: Duration) -> Result<Vec<Job>, QueueError> {
         let mut cmd = ::redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(GROUP)
             .arg(&self.consumer)
             .arg("COUNT")
-            .arg(count);
-        if let Some(block) = block {
-            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+            .arg(count)
+            .arg("BLOCK")
+            .arg(block.as_millis() as u64)
+            .arg("STREAMS");
+        for lane in Priority::ALL {
+            cmd.arg(self.stream(lane));
         }
-        cmd.arg("STREAMS");
-        for lane in lanes {
-            cmd.arg(self.stream(*lane));
-        }
-        for _ in lanes {
+        for _ in Priority::ALL {
             cmd.arg(">");
         }
-        let reply: Result<Option<StreamReadReply>, ::redis::RedisError> = conn
+        let reply: Result<Option<StreamReadReply>, _> = self
+            .blocking
             .run(|mut c| async move { cmd.query_async(&mut c).await })
             .await;
+        let Some(Some(reply)) = self.unless_lost(reply).await? else {
+            return Ok(Vec::new());
+        };
+        let mut jobs = Vec::new();
+        for key in reply.keys {
+            for entry in key.ids {
+                jobs.extend(self.job(&key.key, entry.id.clone(), entry.get("id")));
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// A read's reply, or `None` when Redis lost our streams (restart,
+    /// FLUSHALL): the groups are re-created and the sweeper refills them
+    /// from the store.
+    async fn unless_lost<T>(
+        &self,
+        reply: Result<T, ::redis::RedisError>,
+    ) -> Result<Option<T>, QueueError> {
         match reply {
-            Ok(Some(reply)) => Ok(self.jobs_from(reply)),
-            Ok(None) => Ok(Vec::new()),
+            Ok(reply) => Ok(Some(reply)),
             Err(e) if e.code() == Some("NOGROUP") => {
-                // Redis lost our streams (restart, FLUSHALL): re-create them;
-                // the sweeper refills them from the store.
                 self.ensure_groups().await?;
-                Ok(Vec::new())
+                Ok(None)
             }
             Err(e) => Err(unavailable(e)),
         }
+    }
+
+    /// The job for stream entry `token` of stream `key` (`None`, logged, if
+    /// the entry carries no message id).
+    fn job(&self, key: &str, token: String, id: Option<String>) -> Option<Job> {
+        let Some(id) = id else {
+            tracing::warn!(entry = %token, "queue entry without id");
+            return None;
+        };
+        let lane = Priority::ALL
+            .into_iter()
+            .find(|p| self.stream(*p) == key)
+            .unwrap_or(Priority::Normal);
+        Some(Job { id, lane, token })
     }
 
     async fn autoclaim(&self, max: usize) -> Result<Vec<Job>, QueueError> {
@@ -325,8 +310,7 @@ impl Queue for RedisQueue {
         // Nothing ready: block on all lanes, but not past the next delayed
         // entry (checked again on the next call).
         let wait = wait.min(Duration::from_millis(500));
-        self.read(&self.blocking, &Priority::ALL, max, Some(wait))
-            .await
+        self.read_blocking(max, wait).await
     }
 
     async fn ack(&self, jobs: &[Job]) -> Result<(), QueueError> {

@@ -95,9 +95,12 @@ async fn schemathesis_finds_no_mismatch() {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // Schemathesis keeps a cache in its working directory: not the repo.
+    let workdir = crate::harness::temp_dir("schemathesis");
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new("python3")
             .args(&args)
+            .current_dir(&workdir)
             .output()
             .expect("schemathesis is installed (scripts/test.sh installs it from PyPI)")
     })
