@@ -3,6 +3,9 @@
 //! writes; with Nagle's algorithm the second waits ~40 ms for the server's
 //! delayed ACK), then handed to lettre for the protocol. A connection used
 //! recently is reused without a `NOOP`; one idle for longer is checked first.
+//! Each connection knows whether its server offers `PIPELINING` (RFC 2920):
+//! lettre keeps only the EHLO keywords it knows, so the pool asks once more
+//! when it opens the connection.
 //!
 //! Implicit TLS wraps our socket in lettre's `AsyncNetworkStream` (public but
 //! deprecated in lettre 0.11, "not meant to be made public"), the one way to
@@ -19,7 +22,9 @@ use std::time::{Duration, Instant};
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::TlsParameters;
 use lettre::transport::smtp::client::{AsyncNetworkStream, AsyncSmtpConnection, AsyncTokioStream};
+use lettre::transport::smtp::commands::Ehlo;
 use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::response::Response;
 use lettre::transport::smtp::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -46,16 +51,23 @@ pub struct Endpoint {
 /// A connection checked out of the pool; give it back with [`Pool::put`]
 /// when it is known to be in a clean state, or drop it.
 pub struct Lease {
-    pub conn: AsyncSmtpConnection,
+    pub conn: Connection,
     /// True when the connection was opened for this lease.
     pub fresh: bool,
     _slot: OwnedSemaphorePermit,
 }
 
+/// An open SMTP session and what its server offers beyond lettre's view.
+pub struct Connection {
+    pub smtp: AsyncSmtpConnection,
+    /// The server advertised `PIPELINING`: an envelope may go in one write.
+    pub pipelining: bool,
+}
+
 pub struct Pool {
     endpoint: Endpoint,
     hello: ClientId,
-    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+    idle: Mutex<Vec<(Connection, Instant)>>,
     slots: std::sync::Arc<Semaphore>,
 }
 
@@ -79,10 +91,10 @@ impl Pool {
             .map_err(|_| ConnectError::Io(io::Error::other("the connection pool is closed")))?;
         while let Some((mut conn, since)) = self.take_idle() {
             let idle = since.elapsed();
-            if idle > MAX_IDLE || conn.has_broken() {
+            if idle > MAX_IDLE || conn.smtp.has_broken() {
                 continue;
             }
-            if idle < FRESH || conn.test_connected().await {
+            if idle < FRESH || conn.smtp.test_connected().await {
                 return Ok(Lease {
                     conn,
                     fresh: false,
@@ -108,7 +120,7 @@ impl Pool {
 
     /// Returns a connection that ended a transaction cleanly.
     pub fn put(&self, lease: Lease) {
-        if !lease.conn.has_broken() {
+        if !lease.conn.smtp.has_broken() {
             self.idle
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -116,11 +128,11 @@ impl Pool {
         }
     }
 
-    fn take_idle(&self) -> Option<(AsyncSmtpConnection, Instant)> {
+    fn take_idle(&self) -> Option<(Connection, Instant)> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
     }
 
-    async fn connect(&self) -> Result<AsyncSmtpConnection, ConnectError> {
+    async fn connect(&self) -> Result<Connection, ConnectError> {
         let e = &self.endpoint;
         let tcp = tokio::time::timeout(
             e.connect_timeout,
@@ -143,12 +155,26 @@ impl Pool {
         if let Some(params) = &e.starttls {
             conn.starttls(params.clone(), &self.hello).await?;
         }
+        // A repeated EHLO only resets the (empty) transaction state (RFC
+        // 5321 4.1.4); it goes before AUTH, which it must not follow.
+        let ehlo = conn.command(Ehlo::new(self.hello.clone())).await?;
         if let Some(credentials) = &e.credentials {
             conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)
                 .await?;
         }
-        Ok(conn)
+        Ok(Connection {
+            smtp: conn,
+            pipelining: offers(&ehlo, "PIPELINING"),
+        })
     }
+}
+
+/// Whether an EHLO reply lists `keyword` (case-insensitive, RFC 5321).
+fn offers(ehlo: &Response, keyword: &str) -> bool {
+    ehlo.message()
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().next())
+        .any(|k| k.eq_ignore_ascii_case(keyword))
 }
 
 /// Why a connection could not be had.
@@ -202,5 +228,27 @@ impl AsyncWrite for TlsStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ehlo_keywords_are_read_past_the_greeting_line() {
+        let reply: Response = "250-mx.example.com Hello PIPELINING\r\n250-SIZE 1000\r\n250-pipelining\r\n250 HELP\r\n"
+            .parse()
+            .unwrap();
+        assert!(offers(&reply, "PIPELINING"));
+        assert!(offers(&reply, "size"));
+        let plain: Response = "250-PIPELINING.example\r\n250-8BITMIME\r\n250 HELP\r\n"
+            .parse()
+            .unwrap();
+        assert!(
+            !offers(&plain, "PIPELINING"),
+            "the greeting line names the host"
+        );
+        assert!(!offers(&plain, "CHUNKING"));
     }
 }

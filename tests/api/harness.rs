@@ -343,7 +343,16 @@ impl Smtp {
         Smtp::start_with(Tls::None, None)
     }
 
+    /// A server that does not advertise PIPELINING.
+    pub fn start_without_pipelining() -> Smtp {
+        Smtp::start_args(Tls::None, None, &["--no-pipelining"])
+    }
+
     pub fn start_with(tls: Tls, auth: Option<&str>) -> Smtp {
+        Smtp::start_args(tls, auth, &[])
+    }
+
+    fn start_args(tls: Tls, auth: Option<&str>, extra: &[&str]) -> Smtp {
         let port = free_port();
         let control = free_port();
         let certdir = temp_dir("certs");
@@ -365,6 +374,7 @@ impl Smtp {
         if let Some(auth) = auth {
             args.extend(["--auth".to_string(), auth.to_string()]);
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut smtp = Smtp {
             port,
             control,
@@ -398,6 +408,18 @@ impl Smtp {
             .await
             .expect("smtp control json");
         body["messages"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// SMTP transactions seen so far: (pipelined, one command at a time).
+    pub async fn transactions(&self) -> (i64, i64) {
+        let body: Value = reqwest::get(format!("http://127.0.0.1:{}/", self.control))
+            .await
+            .expect("smtp control")
+            .json()
+            .await
+            .expect("json");
+        let count = |k: &str| body["transactions"][k].as_i64().unwrap_or(0);
+        (count("pipelined"), count("stepwise"))
     }
 
     pub async fn attempts(&self, address: &str) -> i64 {

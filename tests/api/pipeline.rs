@@ -20,6 +20,44 @@ on_both_stacks!(
     fails_over_from_dead_relay,
 );
 
+/// Where the relay offers PIPELINING the envelope goes in one write, and a
+/// refused recipient (its DATA refused too) leaves the session in step: the
+/// next message on the same connection is delivered. Where it does not, one
+/// command at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_the_envelope_only_where_offered() {
+    for (smtp, pipelined) in [
+        (Smtp::start(), true),
+        (Smtp::start_without_pipelining(), false),
+    ] {
+        let env = Env::new(Stack::Embedded).await;
+        let mut settings = env.settings(Some(format!("{}&pool=1", smtp.relay())));
+        settings.workers = Some(1);
+        let app = TestApp::spawn(settings).await;
+        let ok = app.api.send(code_to("one@example.com")).await;
+        app.api.wait_status(&ok, "delivered").await;
+        let bounced = app.api.send(code_to("bounce-p@example.com")).await;
+        let m = app.api.wait_status(&bounced, "bounced").await;
+        assert_eq!(m["recipients"][0]["smtp_code"], 550);
+        assert_eq!(m["recipients"][0]["enhanced_code"], "5.1.1");
+        let deferred = app.api.send(code_to("defer-p@example.com")).await;
+        let m = app.api.wait_status(&deferred, "deferred").await;
+        assert_eq!(m["attempts"][0]["smtp_code"], 451);
+        let after = app.api.send(code_to("two@example.com")).await;
+        let m = app.api.wait_status(&after, "delivered").await;
+        assert_eq!(m["attempts"].as_array().unwrap().len(), 1, "{m}");
+        let got = smtp.wait_for("two@example.com").await;
+        assert!(got["text"].as_str().unwrap().contains("493817"));
+        let (piped, stepwise) = smtp.transactions().await;
+        if pipelined {
+            assert!(piped >= 4 && stepwise == 0, "{piped} / {stepwise}");
+        } else {
+            assert!(piped == 0 && stepwise >= 4, "{piped} / {stepwise}");
+        }
+        app.stop().await;
+    }
+}
+
 /// A pooled SMTP connection that the relay closed (here: the server was
 /// restarted) is replaced before the next hand-off: the next message is
 /// delivered on its first attempt, with no transient failure recorded.

@@ -10,8 +10,13 @@ Replies are scripted by the recipient's local part:
 Everything accepted is parsed with Python's email package and served as JSON
 at GET http://127.0.0.1:<control-port>/messages.
 
+It advertises PIPELINING (RFC 2920), as Postfix, Exim and the hosted relays
+do, and counts the transactions whose RCPT had already arrived when MAIL was
+answered ("pipelined" at the control port).
+
 Options: --port, --control-port, --tls none|starttls|implicit, --certdir DIR
-(a throwaway CA from trustme is written to DIR/ca.pem), --auth user:pass.
+(a throwaway CA from trustme is written to DIR/ca.pem), --auth user:pass,
+--no-pipelining (do not advertise PIPELINING).
 """
 import argparse
 import asyncio
@@ -33,6 +38,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 RECEIVED = []
 ATTEMPTS = collections.Counter()
+PIPELINED = collections.Counter()
 LOCK = threading.Lock()
 
 
@@ -74,6 +80,24 @@ def parse(envelope_from, rcpt, data):
 
 
 class Handler:
+    def __init__(self, pipelining):
+        self.pipelining = pipelining
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        # The client's next command is already buffered: it did not wait.
+        ahead = len(getattr(server._reader, "_buffer", b"")) > 0
+        with LOCK:
+            PIPELINED["pipelined" if ahead else "stepwise"] += 1
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         local = address.split("@", 1)[0].lower()
         with LOCK:
@@ -108,7 +132,8 @@ class Control(BaseHTTPRequestHandler):
 
     def do_GET(self):
         with LOCK:
-            body = json.dumps({"messages": RECEIVED, "attempts": dict(ATTEMPTS)}).encode()
+            body = json.dumps({"messages": RECEIVED, "attempts": dict(ATTEMPTS),
+                               "transactions": dict(PIPELINED)}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
@@ -123,6 +148,7 @@ def main():
     p.add_argument("--tls", default="none", choices=["none", "starttls", "implicit"])
     p.add_argument("--certdir")
     p.add_argument("--auth")
+    p.add_argument("--no-pipelining", action="store_true")
     a = p.parse_args()
 
     kwargs = {"hostname": "127.0.0.1", "port": a.port, "decode_data": False,
@@ -153,7 +179,7 @@ def main():
         # With implicit TLS the whole session is encrypted; aiosmtpd only
         # recognises STARTTLS sessions as TLS for auth_require_tls.
         kwargs["auth_require_tls"] = a.tls == "starttls"
-    controller = Controller(Handler(), **kwargs)
+    controller = Controller(Handler(not a.no_pipelining), **kwargs)
     controller.start()
     control = ThreadingHTTPServer(("127.0.0.1", a.control_port), Control)
     threading.Thread(target=control.serve_forever, daemon=True).start()
