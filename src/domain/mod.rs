@@ -2,6 +2,7 @@
 //! delivery outcomes. Parsed at the edge, trusted everywhere after.
 
 mod address;
+pub mod mime_patch;
 mod outcome;
 mod status;
 

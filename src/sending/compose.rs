@@ -23,6 +23,9 @@ pub struct Envelope<'a> {
     pub attachments: &'a [Attachment],
     pub message_id: &'a str,
     pub date: SystemTime,
+    /// Stem of the multipart boundaries. A message and its redacted copy
+    /// share it, so that they differ only where the secrets are.
+    pub boundary: &'a str,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +36,12 @@ fn err(e: impl std::fmt::Display) -> ComposeError {
     ComposeError(e.to_string())
 }
 
-fn body(rendered: &Rendered) -> Result<MultiPart, SinglePart> {
+fn body(rendered: &Rendered, boundary: &str) -> Result<MultiPart, SinglePart> {
     match (&rendered.text, &rendered.html) {
-        (Some(text), Some(html)) => Ok(MultiPart::alternative_plain_html(
-            text.clone(),
-            html.clone(),
-        )),
+        (Some(text), Some(html)) => Ok(MultiPart::alternative()
+            .boundary(format!("{boundary}-alt"))
+            .singlepart(SinglePart::plain(text.clone()))
+            .singlepart(SinglePart::html(html.clone()))),
         (Some(text), None) => Err(SinglePart::plain(text.clone())),
         (None, Some(html)) => Err(SinglePart::html(html.clone())),
         (None, None) => Err(SinglePart::plain(String::new())),
@@ -71,14 +74,15 @@ pub fn compose(
         builder = builder.raw_header(HeaderValue::new(name, value.clone()));
     }
     let mut message = if e.attachments.is_empty() {
-        match body(rendered) {
+        match body(rendered, e.boundary) {
             Ok(multi) => builder.multipart(multi),
             Err(single) => builder.singlepart(single),
         }
     } else {
-        let mut mixed = match body(rendered) {
-            Ok(multi) => MultiPart::mixed().multipart(multi),
-            Err(single) => MultiPart::mixed().singlepart(single),
+        let mixed_part = || MultiPart::mixed().boundary(format!("{}-mix", e.boundary));
+        let mut mixed = match body(rendered, e.boundary) {
+            Ok(multi) => mixed_part().multipart(multi),
+            Err(single) => mixed_part().singlepart(single),
         };
         for a in e.attachments {
             let content_type = ContentType::parse(&a.content_type).map_err(err)?;
@@ -112,6 +116,7 @@ mod tests {
             attachments: &[],
             message_id: "<abc@acme.test>",
             date: SystemTime::now(),
+            boundary: "b0123",
         };
         let rendered = Rendered {
             subject: "验证码".into(),
@@ -125,6 +130,7 @@ mod tests {
         assert!(mime.contains("Message-ID: <abc@acme.test>"));
         assert!(mime.contains("X-Entity-Ref-ID: user-42"));
         assert!(mime.contains("multipart/alternative"));
+        assert!(mime.contains("b0123-alt"));
         assert!(!mime.to_lowercase().contains("\nbcc:"));
     }
 }

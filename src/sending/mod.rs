@@ -18,7 +18,7 @@ pub use commit::{CommitError, Committer};
 pub use dkim::{DkimError, DkimSigner};
 pub use request::{Content, SendRequest};
 
-use crate::domain::{new_id, now_ms, Mailbox, Millis, Priority, Status};
+use crate::domain::{mime_patch, new_id, now_ms, Mailbox, Millis, Priority, Status};
 use crate::error::{ApiError, FieldError};
 use crate::keys::ApiKey;
 use crate::limiter::{Limiter, QuotaDecision, QuotaRequest, Reservation};
@@ -220,14 +220,19 @@ impl Sender {
             attachments: &req.attachments,
             message_id: &message_id_header,
             date: SystemTime::now(),
+            boundary: &format!("mr{}", uuid::Uuid::new_v4().simple()),
         };
         let compose_err = |e: compose::ComposeError| ApiError::validation("", e.to_string());
         let mime = compose::compose(&envelope, &rendered, Some(&self.settings.dkim))
             .map_err(compose_err)?;
         // The redacted copy is only ever shown, never sent: not signed.
-        let mime_redacted = match &redacted {
-            Some(r) => Some(compose::compose(&envelope, r, None).map_err(compose_err)?),
-            None => None,
+        let (mime_redacted, mime_patch) = match &redacted {
+            Some(r) => {
+                let shown = compose::compose(&envelope, r, None).map_err(compose_err)?;
+                let patch = mime_patch::diff(&shown, &mime);
+                (Some(shown), Some(patch))
+            }
+            None => (None, None),
         };
         let status = if req.send_at.is_some() {
             Status::Scheduled
@@ -273,6 +278,7 @@ impl Sender {
             message_id_header,
             mime,
             mime_redacted,
+            mime_patch,
             send_at: req.send_at,
             expires_at: req.expires_at,
             collapse_key: req.collapse_key.clone(),
@@ -555,6 +561,7 @@ impl Sender {
             attachments: &[],
             message_id: "<preview@mailroom.example>",
             date: SystemTime::now(),
+            boundary: "preview",
         };
         let mime = compose::compose(&envelope, &rendered, None)
             .map_err(|e| ApiError::validation("", e.to_string()))?;

@@ -56,9 +56,13 @@ pub struct NewMessage {
     pub tags: Vec<String>,
     pub metadata: Value,
     pub message_id_header: String,
+    /// The MIME to send.
     pub mime: String,
     /// The same MIME with secret values replaced; `None` when there are none.
     pub mime_redacted: Option<String>,
+    /// Turns `mime_redacted` into `mime` ([`crate::domain::mime_patch`]);
+    /// with it, the store keeps the redacted copy and the patch only.
+    pub mime_patch: Option<String>,
     pub send_at: Option<Millis>,
     pub expires_at: Option<Millis>,
     pub collapse_key: Option<String>,

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use serde_json::json;
 
 use crate::harness::{app_with_smtp, Env, ProcApp, Smtp, Stack};
@@ -319,8 +320,36 @@ async fn secrets_stay_secret(stack: Stack) {
     );
     assert!(raw.body.as_str().unwrap().contains("Subject:"));
     if raw_before.headers["mailroom-redacted"] == "false" {
-        assert!(raw_before.status.is_success());
+        // Fetched before the outcome: the exact bytes the relay received.
+        let sent = base64::engine::general_purpose::STANDARD
+            .decode(got["raw_b64"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(raw_before.body.as_str().unwrap().as_bytes(), &sent[..]);
     }
+    // While waiting, `/raw` shows what will be sent; once final, only the
+    // redacted copy is left.
+    let send_at = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let later = app
+        .api
+        .send(
+            json!({"template": "verification-code", "from": "a@acme.test", "to": "t@example.com",
+                     "send_at": send_at, "data": {"code": code}}),
+        )
+        .await;
+    let raw = app.api.get(&format!("/v1/messages/{later}/raw")).await;
+    assert_eq!(raw.headers["mailroom-redacted"], "false");
+    let text = raw.body.as_str().unwrap();
+    assert!(text.contains(code) || text.contains("OTE4Mjcz"), "{text}");
+    assert!(text.contains("Message-ID: <"), "{text}");
+    let canceled = app
+        .api
+        .post(&format!("/v1/messages/{later}/cancel"), json!({}))
+        .await;
+    assert_eq!(canceled.status, 200, "{:?}", canceled.body);
+    let raw = app.api.get(&format!("/v1/messages/{later}/raw")).await;
+    assert_eq!(raw.headers["mailroom-redacted"], "true");
+    let text = raw.body.as_str().unwrap();
+    assert!(!text.contains(code) && !text.contains("OTE4Mjcz"), "{text}");
     let logs = app.logs();
     assert!(!logs.is_empty());
     assert!(!logs.contains(code), "logs leak the code");

@@ -79,15 +79,25 @@ impl SqlStore {
             .collect()
     }
 
-    /// The (unredacted) MIME of each message that still has it.
+    /// The MIME as sent of each message that still has it.
     async fn bodies(tx: &mut AnyConnection, ids: &[&str]) -> StoreResult<HashMap<String, String>> {
-        Ok(batch::select_map(
+        let found = batch::select_in(
             tx,
-            "SELECT message_id AS k, mime AS v FROM message_bodies WHERE mime IS NOT NULL \
-             AND message_id IN ({keys})",
+            &format!(
+                "SELECT {} FROM message_bodies WHERE (mime IS NOT NULL OR mime_patch IS NOT NULL) \
+                 AND message_id IN ({{keys}})",
+                rows::BODY_COLUMNS
+            ),
             ids,
         )
-        .await?)
+        .await?;
+        let mut bodies = HashMap::with_capacity(found.len());
+        for row in &found {
+            if let Some(mime) = rows::sent_mime(row)? {
+                bodies.insert(row.try_get("message_id")?, mime);
+            }
+        }
+        Ok(bodies)
     }
 
     /// Marks the due recipients of leased messages `sending`; returns them

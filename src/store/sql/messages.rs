@@ -18,7 +18,7 @@ const WAITING: &str = "('scheduled','queued','deferred')";
 /// Columns bound per message row.
 const MESSAGE_INSERT_COLS: usize = 22;
 /// Columns bound per body row.
-const BODY_INSERT_COLS: usize = 3;
+const BODY_INSERT_COLS: usize = 4;
 /// Columns bound per recipient row.
 const RECIPIENT_INSERT_COLS: usize = 9;
 
@@ -67,14 +67,21 @@ fn bind_messages<'q>(
 
 fn bodies_insert_sql(rows: usize, first: usize) -> String {
     format!(
-        "INSERT INTO message_bodies (message_id, mime, mime_redacted) VALUES {}",
+        "INSERT INTO message_bodies (message_id, mime, mime_redacted, mime_patch) VALUES {}",
         batch::values(rows, BODY_INSERT_COLS, first)
     )
 }
 
 fn bind_bodies<'q>(mut query: AnyQuery<'q>, messages: &[&'q NewMessage]) -> AnyQuery<'q> {
     for m in messages {
-        query = query.bind(&m.id).bind(&m.mime).bind(&m.mime_redacted);
+        // With a patch the sent MIME is the redacted copy patched, not a
+        // second full copy.
+        let mime = m.mime_patch.is_none().then_some(&m.mime);
+        query = query
+            .bind(&m.id)
+            .bind(mime)
+            .bind(&m.mime_redacted)
+            .bind(&m.mime_patch);
     }
     query
 }
@@ -409,8 +416,8 @@ pub async fn recompute_messages(
         .collect();
     batch::select_in(
         conn,
-        "UPDATE message_bodies SET mime = NULL WHERE mime_redacted IS NOT NULL \
-         AND mime IS NOT NULL AND message_id IN ({keys})",
+        "UPDATE message_bodies SET mime = NULL, mime_patch = NULL WHERE mime_redacted IS NOT NULL \
+         AND (mime IS NOT NULL OR mime_patch IS NOT NULL) AND message_id IN ({keys})",
         &redact,
     )
     .await?;
@@ -499,25 +506,25 @@ impl MessageStore for SqlStore {
     }
 
     async fn raw_mime(&self, id: &str) -> StoreResult<Option<RawMime>> {
-        let row =
-            sqlx::query("SELECT mime, mime_redacted FROM message_bodies WHERE message_id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {} FROM message_bodies WHERE message_id = $1",
+            rows::BODY_COLUMNS
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         let Some(row) = row else { return Ok(None) };
-        let mime: Option<String> = row.try_get("mime")?;
-        let redacted: Option<String> = row.try_get("mime_redacted")?;
-        Ok(match (mime, redacted) {
-            (Some(mime), _) => Some(RawMime {
+        if let Some(mime) = rows::sent_mime(&row)? {
+            return Ok(Some(RawMime {
                 mime,
                 redacted: false,
-            }),
-            (None, Some(mime)) => Some(RawMime {
-                mime,
-                redacted: true,
-            }),
-            (None, None) => None,
-        })
+            }));
+        }
+        let redacted: Option<String> = row.try_get("mime_redacted")?;
+        Ok(redacted.map(|mime| RawMime {
+            mime,
+            redacted: true,
+        }))
     }
 
     async fn list_messages(&self, f: &MessageFilter) -> StoreResult<Vec<MessageRecord>> {

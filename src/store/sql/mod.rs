@@ -39,6 +39,10 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../../../migrations/postgres/0004_hot_claims.sql"),
     ),
+    (
+        5,
+        include_str!("../../../migrations/postgres/0005_mime_patch.sql"),
+    ),
 ];
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../../migrations/sqlite/0001_init.sql")),
@@ -53,6 +57,10 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (
         4,
         include_str!("../../../migrations/sqlite/0004_hot_claims.sql"),
+    ),
+    (
+        5,
+        include_str!("../../../migrations/sqlite/0005_mime_patch.sql"),
     ),
 ];
 

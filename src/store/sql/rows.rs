@@ -4,7 +4,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{json_col, string_list};
-use crate::domain::{Priority, Status};
+use crate::domain::{mime_patch, Priority, Status};
 use crate::keys::{ApiKey, KeyLimits, KeyMode, Scope};
 use crate::store::records::*;
 use crate::store::{StoreError, StoreResult};
@@ -22,6 +22,9 @@ pub const MESSAGE_COLUMNS: &str = "id, key_id, mode, status, priority, from_addr
 
 pub const RECIPIENT_COLUMNS: &str = "idx, kind, address, email, status, attempts, \
     next_attempt_at, smtp_code, enhanced_code, response, canceled_reason, updated_at";
+
+/// A message body: the sent MIME whole, or redacted plus a patch.
+pub const BODY_COLUMNS: &str = "message_id, mime, mime_redacted, mime_patch";
 
 pub const WEBHOOK_COLUMNS: &str = "id, url, events, description, secret, previous_secret, \
     previous_secret_until, disabled_at, disabled_reason, failing_since, created_at, updated_at";
@@ -128,6 +131,22 @@ pub fn recipient(row: &AnyRow) -> StoreResult<RecipientRecord> {
         canceled_reason: row.try_get("canceled_reason")?,
         updated_at: row.try_get("updated_at")?,
     })
+}
+
+/// The MIME as sent, while the body still holds it (`None` once only the
+/// redacted copy is left).
+pub fn sent_mime(row: &AnyRow) -> StoreResult<Option<String>> {
+    if let Some(mime) = row.try_get::<Option<String>, _>("mime")? {
+        return Ok(Some(mime));
+    }
+    let redacted: Option<String> = row.try_get("mime_redacted")?;
+    let patch: Option<String> = row.try_get("mime_patch")?;
+    match (redacted, patch) {
+        (Some(redacted), Some(patch)) => mime_patch::apply(&redacted, &patch)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(e.to_string())),
+        _ => Ok(None),
+    }
 }
 
 pub fn event(row: &AnyRow) -> StoreResult<EventRecord> {
