@@ -1,5 +1,7 @@
--- A message with secret variables keeps its redacted MIME and a small patch
--- that turns it into the MIME sent (`mime` stays NULL). Once the message is
--- final the patch is dropped, so the row never held two full copies and the
--- redaction no longer rewrites one. Rows written before keep `mime`.
-ALTER TABLE message_bodies ADD COLUMN mime_patch TEXT;
+-- A message with secret variables keeps only its redacted MIME in
+-- `message_bodies` (`mime` stays NULL) and, on its own row while it is in
+-- flight, a small patch that turns that copy into the MIME sent. The outcome
+-- update that makes the message final clears the patch, so the body row is
+-- written once and never holds two full copies. Rows written before keep
+-- their full `mime` until final, as before.
+ALTER TABLE messages ADD COLUMN mime_patch TEXT;

@@ -236,6 +236,16 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// Every live row of a database, as `pg_dump --data-only` prints it.
+    pub fn dump(&self, url: &str) -> String {
+        let out = pg_command(&self.bin, "pg_dump")
+            .args(["--data-only", url])
+            .output()
+            .expect("pg_dump");
+        assert!(out.status.success(), "pg_dump failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// A fresh, empty database for one test.
     pub async fn create_db(&self) -> String {
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());

@@ -350,6 +350,12 @@ async fn secrets_stay_secret(stack: Stack) {
     assert_eq!(raw.headers["mailroom-redacted"], "true");
     let text = raw.body.as_str().unwrap();
     assert!(!text.contains(code) && !text.contains("OTE4Mjcz"), "{text}");
+    if let Some(url) = &env.database_url {
+        // Once both messages are final, no live row holds the code.
+        let rows = crate::harness::shared_pg().dump(url);
+        assert!(rows.contains(&id) && rows.contains(&later));
+        assert!(!rows.contains(code) && !rows.contains("OTE4Mjcz"));
+    }
     let logs = app.logs();
     assert!(!logs.is_empty());
     assert!(!logs.contains(code), "logs leak the code");

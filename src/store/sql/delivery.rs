@@ -58,14 +58,14 @@ impl SqlStore {
         owner: &str,
         now: Millis,
         lease_until: Millis,
-    ) -> StoreResult<Vec<(MessageRecord, String)>> {
+    ) -> StoreResult<Vec<Leased>> {
         let owner = owner.to_string();
         let found = batch::fetch_in(
             tx,
             &format!(
                 "UPDATE messages SET lease_until = $1, lease_owner = $2, updated_at = $3, status = 'sending' \
                  WHERE id IN ({{keys}}) AND status NOT IN {FINAL} AND next_attempt_at + 0 <= $3 \
-                 AND (lease_until IS NULL OR lease_until < $3) RETURNING {}, mail_from",
+                 AND (lease_until IS NULL OR lease_until < $3) RETURNING {}, mail_from, mime_patch",
                 rows::MESSAGE_COLUMNS
             ),
             ids,
@@ -75,26 +75,38 @@ impl SqlStore {
         .await?;
         found
             .iter()
-            .map(|row| Ok((rows::message(row)?, row.try_get("mail_from")?)))
+            .map(|row| {
+                Ok(Leased {
+                    message: rows::message(row)?,
+                    mail_from: row.try_get("mail_from")?,
+                    mime_patch: row.try_get("mime_patch")?,
+                })
+            })
             .collect()
     }
 
-    /// The MIME as sent of each message that still has it.
-    async fn bodies(tx: &mut AnyConnection, ids: &[&str]) -> StoreResult<HashMap<String, String>> {
+    /// The MIME as sent of each leased message that still has it.
+    async fn bodies(
+        tx: &mut AnyConnection,
+        leased: &[Leased],
+    ) -> StoreResult<HashMap<String, String>> {
+        let ids: Vec<&str> = leased.iter().map(|l| l.message.id.as_str()).collect();
+        let patches: HashMap<&str, &str> = leased
+            .iter()
+            .filter_map(|l| Some((l.message.id.as_str(), l.mime_patch.as_deref()?)))
+            .collect();
         let found = batch::select_in(
             tx,
-            &format!(
-                "SELECT {} FROM message_bodies WHERE (mime IS NOT NULL OR mime_patch IS NOT NULL) \
-                 AND message_id IN ({{keys}})",
-                rows::BODY_COLUMNS
-            ),
-            ids,
+            "SELECT message_id, mime, mime_redacted FROM message_bodies \
+             WHERE message_id IN ({keys})",
+            &ids,
         )
         .await?;
         let mut bodies = HashMap::with_capacity(found.len());
         for row in &found {
-            if let Some(mime) = rows::sent_mime(row)? {
-                bodies.insert(row.try_get("message_id")?, mime);
+            let id: String = row.try_get("message_id")?;
+            if let Some(mime) = rows::sent_mime(row, patches.get(id.as_str()).copied())? {
+                bodies.insert(id, mime);
             }
         }
         Ok(bodies)
@@ -132,6 +144,14 @@ impl SqlStore {
         }
         Ok(by_message)
     }
+}
+
+/// A message taken by a claim, with what delivery needs beyond its record.
+struct Leased {
+    message: MessageRecord,
+    mail_from: String,
+    /// Turns its redacted MIME into the MIME to send (messages with secrets).
+    mime_patch: Option<String>,
 }
 
 /// A recipient's new state, as bound into the multi-row UPDATE.
@@ -285,12 +305,15 @@ impl DeliveryStore for SqlStore {
             Backend::Sqlite => self.pool.begin().await?,
         };
         let taken = Self::lease_messages(&mut tx, &ids, owner, now, lease_until).await?;
-        let taken_ids: Vec<&str> = taken.iter().map(|(m, _)| m.id.as_str()).collect();
+        let taken_ids: Vec<&str> = taken.iter().map(|l| l.message.id.as_str()).collect();
         let mut recipients = Self::take_recipients(&mut tx, &taken_ids, now).await?;
-        let mut bodies = Self::bodies(&mut tx, &taken_ids).await?;
+        let mut bodies = Self::bodies(&mut tx, &taken).await?;
         let mut claims = Vec::with_capacity(taken.len());
         let mut nothing_due = Vec::new();
-        for (message, mail_from) in taken {
+        for Leased {
+            message, mail_from, ..
+        } in taken
+        {
             match recipients.remove(&message.id) {
                 Some(due) => {
                     let mime = bodies.remove(&message.id).ok_or_else(|| {

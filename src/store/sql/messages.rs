@@ -16,9 +16,9 @@ use crate::store::{MessageStore, StoreError, StoreResult};
 const WAITING: &str = "('scheduled','queued','deferred')";
 
 /// Columns bound per message row.
-const MESSAGE_INSERT_COLS: usize = 22;
+const MESSAGE_INSERT_COLS: usize = 23;
 /// Columns bound per body row.
-const BODY_INSERT_COLS: usize = 4;
+const BODY_INSERT_COLS: usize = 3;
 /// Columns bound per recipient row.
 const RECIPIENT_INSERT_COLS: usize = 9;
 
@@ -27,7 +27,7 @@ fn messages_insert_sql(rows: usize, first: usize) -> String {
         "INSERT INTO messages (id, key_id, mode, status, priority, from_addr, mail_from, subject, \
          template, template_version, locale, tags, metadata, message_id_header, \
          size_bytes, send_at, expires_at, collapse_key, next_attempt_at, enqueued_at, created_at, \
-         updated_at) VALUES {}",
+         updated_at, mime_patch) VALUES {}",
         batch::values(rows, MESSAGE_INSERT_COLS, first)
     )
 }
@@ -60,14 +60,15 @@ fn bind_messages<'q>(
             .bind(m.next_attempt_at)
             .bind(now)
             .bind(now)
-            .bind(now);
+            .bind(now)
+            .bind(&m.mime_patch);
     }
     query
 }
 
 fn bodies_insert_sql(rows: usize, first: usize) -> String {
     format!(
-        "INSERT INTO message_bodies (message_id, mime, mime_redacted, mime_patch) VALUES {}",
+        "INSERT INTO message_bodies (message_id, mime, mime_redacted) VALUES {}",
         batch::values(rows, BODY_INSERT_COLS, first)
     )
 }
@@ -77,11 +78,7 @@ fn bind_bodies<'q>(mut query: AnyQuery<'q>, messages: &[&'q NewMessage]) -> AnyQ
         // With a patch the sent MIME is the redacted copy patched, not a
         // second full copy.
         let mime = m.mime_patch.is_none().then_some(&m.mime);
-        query = query
-            .bind(&m.id)
-            .bind(mime)
-            .bind(&m.mime_redacted)
-            .bind(&m.mime_patch);
+        query = query.bind(&m.id).bind(mime).bind(&m.mime_redacted);
     }
     query
 }
@@ -396,16 +393,22 @@ pub async fn recompute_messages(
         updates.push((*id, status, next, status.is_final() && *redact));
         out.insert(id.to_string(), (status, next));
     }
-    for (chunk, size) in batch::padded(&updates, 3) {
+    for (chunk, size) in batch::padded(&updates, 4) {
+        // A final message that is redacted loses the patch to its sent MIME.
         let sql = format!(
             "UPDATE messages SET status = v.column2, next_attempt_at = v.column3, updated_at = $1, \
-             lease_until = NULL, lease_owner = NULL \
+             lease_until = NULL, lease_owner = NULL, \
+             mime_patch = CASE WHEN v.column4 = 1 THEN NULL ELSE messages.mime_patch END \
              FROM (VALUES {}) AS v WHERE messages.id = v.column1",
-            batch::values(size, 3, 2)
+            batch::values(size, 4, 2)
         );
         let mut query = sqlx::query(&sql).bind(now);
-        for (id, status, next, _) in batch::fill(chunk, size) {
-            query = query.bind(*id).bind(status.as_str()).bind(*next);
+        for (id, status, next, redact) in batch::fill(chunk, size) {
+            query = query
+                .bind(*id)
+                .bind(status.as_str())
+                .bind(*next)
+                .bind(i64::from(*redact));
         }
         query.execute(&mut *conn).await?;
     }
@@ -416,8 +419,8 @@ pub async fn recompute_messages(
         .collect();
     batch::select_in(
         conn,
-        "UPDATE message_bodies SET mime = NULL, mime_patch = NULL WHERE mime_redacted IS NOT NULL \
-         AND (mime IS NOT NULL OR mime_patch IS NOT NULL) AND message_id IN ({keys})",
+        "UPDATE message_bodies SET mime = NULL WHERE mime_redacted IS NOT NULL \
+         AND mime IS NOT NULL AND message_id IN ({keys})",
         &redact,
     )
     .await?;
@@ -506,15 +509,16 @@ impl MessageStore for SqlStore {
     }
 
     async fn raw_mime(&self, id: &str) -> StoreResult<Option<RawMime>> {
-        let row = sqlx::query(&format!(
-            "SELECT {} FROM message_bodies WHERE message_id = $1",
-            rows::BODY_COLUMNS
-        ))
+        let row = sqlx::query(
+            "SELECT b.mime, b.mime_redacted, m.mime_patch FROM message_bodies b \
+             JOIN messages m ON m.id = b.message_id WHERE b.message_id = $1",
+        )
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        if let Some(mime) = rows::sent_mime(&row)? {
+        let patch: Option<String> = row.try_get("mime_patch")?;
+        if let Some(mime) = rows::sent_mime(&row, patch.as_deref())? {
             return Ok(Some(RawMime {
                 mime,
                 redacted: false,

@@ -23,9 +23,6 @@ pub const MESSAGE_COLUMNS: &str = "id, key_id, mode, status, priority, from_addr
 pub const RECIPIENT_COLUMNS: &str = "idx, kind, address, email, status, attempts, \
     next_attempt_at, smtp_code, enhanced_code, response, canceled_reason, updated_at";
 
-/// A message body: the sent MIME whole, or redacted plus a patch.
-pub const BODY_COLUMNS: &str = "message_id, mime, mime_redacted, mime_patch";
-
 pub const WEBHOOK_COLUMNS: &str = "id, url, events, description, secret, previous_secret, \
     previous_secret_until, disabled_at, disabled_reason, failing_since, created_at, updated_at";
 
@@ -133,16 +130,15 @@ pub fn recipient(row: &AnyRow) -> StoreResult<RecipientRecord> {
     })
 }
 
-/// The MIME as sent, while the body still holds it (`None` once only the
-/// redacted copy is left).
-pub fn sent_mime(row: &AnyRow) -> StoreResult<Option<String>> {
+/// The MIME as sent, from a body row (`mime`, `mime_redacted`) and its
+/// message's patch; `None` once only the redacted copy is left.
+pub fn sent_mime(row: &AnyRow, patch: Option<&str>) -> StoreResult<Option<String>> {
     if let Some(mime) = row.try_get::<Option<String>, _>("mime")? {
         return Ok(Some(mime));
     }
     let redacted: Option<String> = row.try_get("mime_redacted")?;
-    let patch: Option<String> = row.try_get("mime_patch")?;
     match (redacted, patch) {
-        (Some(redacted), Some(patch)) => mime_patch::apply(&redacted, &patch)
+        (Some(redacted), Some(patch)) => mime_patch::apply(&redacted, patch)
             .map(Some)
             .map_err(|e| StoreError::Corrupt(e.to_string())),
         _ => Ok(None),
