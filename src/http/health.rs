@@ -38,6 +38,43 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
     })))
 }
 
+/// How long the store-derived gauges are reused. Counting a large backlog
+/// costs the store ~10 ms; a scraper (or several, or a load generator
+/// polling for its drain) cannot turn `/metrics` into store load.
+pub const STORE_GAUGES: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The gauges `/metrics` reads from the store.
+#[derive(Clone, Default)]
+pub struct StoreGauges {
+    messages_waiting: i64,
+    oldest_due_seconds: f64,
+    webhook_backlog: i64,
+}
+
+async fn store_gauges(state: &AppState) -> StoreGauges {
+    if let Some(cached) = state.store_gauges.get("store") {
+        return cached;
+    }
+    let mut gauges = StoreGauges::default();
+    let now = now_ms();
+    let stats = state.store.queue_stats(now).await;
+    if let Ok(stats) = &stats {
+        gauges.messages_waiting = stats.waiting;
+        gauges.oldest_due_seconds = stats
+            .oldest_due
+            .map_or(0.0, |due| (now - due).max(0) as f64 / 1000.0);
+    }
+    let backlog = state.store.webhook_backlog().await;
+    if let Ok(backlog) = backlog {
+        gauges.webhook_backlog = backlog;
+    }
+    // A failed read is tried again by the next scrape.
+    if stats.is_ok() && backlog.is_ok() {
+        state.store_gauges.put("store", gauges.clone());
+    }
+    gauges
+}
+
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut gauges = Gauges::default();
     if let Ok(depth) = state.queue.depth().await {
@@ -48,16 +85,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
             .collect();
         gauges.queue_delayed = depth.delayed;
     }
-    let now = now_ms();
-    if let Ok(stats) = state.store.queue_stats(now).await {
-        gauges.messages_waiting = stats.waiting;
-        gauges.oldest_due_seconds = stats
-            .oldest_due
-            .map_or(0.0, |due| (now - due).max(0) as f64 / 1000.0);
-    }
-    if let Ok(backlog) = state.store.webhook_backlog().await {
-        gauges.webhook_backlog = backlog;
-    }
+    let store = store_gauges(&state).await;
+    gauges.messages_waiting = store.messages_waiting;
+    gauges.oldest_due_seconds = store.oldest_due_seconds;
+    gauges.webhook_backlog = store.webhook_backlog;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(&gauges),

@@ -4,7 +4,7 @@
 
 mod events;
 mod extract;
-mod health;
+pub(crate) mod health;
 mod keys;
 mod messages;
 mod send;
@@ -51,6 +51,8 @@ pub struct Ctx {
     /// Keys by prefix, so a request does not cost a store round trip
     /// (see [`KEY_CACHE`]).
     pub keys: TtlCache<ApiKey>,
+    /// The store-derived `/metrics` gauges (see [`health::STORE_GAUGES`]).
+    pub store_gauges: TtlCache<health::StoreGauges>,
     pub queue: Arc<dyn Queue>,
     pub limiter: Arc<dyn Limiter>,
     pub sender: Sender,

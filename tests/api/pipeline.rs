@@ -20,6 +20,34 @@ on_both_stacks!(
     fails_over_from_dead_relay,
 );
 
+/// `/metrics` shows the store's backlog (messages not yet final), read at
+/// most once a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_the_waiting_messages() {
+    let env = Env::new(Stack::Postgres).await;
+    let app = TestApp::start(&env, None).await;
+    let waiting = |n: &'static str| {
+        let api = app.api.clone();
+        async move {
+            let text = api.get("/metrics").await.body.as_str()?.to_string();
+            text.lines()
+                .any(|l| l == format!("mailroom_messages_waiting {n}"))
+                .then_some(())
+        }
+    };
+    let mut body = code_to("later@example.com");
+    body["send_at"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    let id = app.api.send(body).await;
+    crate::harness::eventually(Duration::from_secs(5), "one waiting", || waiting("1")).await;
+    let canceled = app
+        .api
+        .post(&format!("/v1/messages/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(canceled.status, 200);
+    crate::harness::eventually(Duration::from_secs(5), "none waiting", || waiting("0")).await;
+    app.stop().await;
+}
+
 /// Where the relay offers PIPELINING the envelope goes in one write, and a
 /// refused recipient (its DATA refused too) leaves the session in step: the
 /// next message on the same connection is delivered. Where it does not, one
