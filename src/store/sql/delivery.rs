@@ -43,7 +43,8 @@ fn due_rows(found: &[sqlx::any::AnyRow]) -> StoreResult<Vec<(String, Priority, M
 
 impl SqlStore {
     /// Leases every due message among `ids` (one UPDATE per chunk); returns
-    /// the rows taken.
+    /// the rows taken, each with the MIME to send (read in the same
+    /// statement).
     ///
     /// Only the primary key may serve this statement. `next_attempt_at + 0`
     /// keeps the planner from answering it with `messages_pending_idx`
@@ -65,7 +66,10 @@ impl SqlStore {
             &format!(
                 "UPDATE messages SET lease_until = $1, lease_owner = $2, updated_at = $3, status = 'sending' \
                  WHERE id IN ({{keys}}) AND status NOT IN {FINAL} AND next_attempt_at + 0 <= $3 \
-                 AND (lease_until IS NULL OR lease_until < $3) RETURNING {}, mail_from, mime_patch",
+                 AND (lease_until IS NULL OR lease_until < $3) RETURNING {}, mail_from, mime_patch, \
+                 (SELECT b.mime FROM message_bodies b WHERE b.message_id = messages.id) AS mime, \
+                 (SELECT b.mime_redacted FROM message_bodies b WHERE b.message_id = messages.id) \
+                 AS mime_redacted",
                 rows::MESSAGE_COLUMNS
             ),
             ids,
@@ -76,40 +80,14 @@ impl SqlStore {
         found
             .iter()
             .map(|row| {
+                let patch: Option<String> = row.try_get("mime_patch")?;
                 Ok(Leased {
                     message: rows::message(row)?,
                     mail_from: row.try_get("mail_from")?,
-                    mime_patch: row.try_get("mime_patch")?,
+                    mime: rows::sent_mime(row, patch.as_deref())?,
                 })
             })
             .collect()
-    }
-
-    /// The MIME as sent of each leased message that still has it.
-    async fn bodies(
-        tx: &mut AnyConnection,
-        leased: &[Leased],
-    ) -> StoreResult<HashMap<String, String>> {
-        let ids: Vec<&str> = leased.iter().map(|l| l.message.id.as_str()).collect();
-        let patches: HashMap<&str, &str> = leased
-            .iter()
-            .filter_map(|l| Some((l.message.id.as_str(), l.mime_patch.as_deref()?)))
-            .collect();
-        let found = batch::select_in(
-            tx,
-            "SELECT message_id, mime, mime_redacted FROM message_bodies \
-             WHERE message_id IN ({keys})",
-            &ids,
-        )
-        .await?;
-        let mut bodies = HashMap::with_capacity(found.len());
-        for row in &found {
-            let id: String = row.try_get("message_id")?;
-            if let Some(mime) = rows::sent_mime(row, patches.get(id.as_str()).copied())? {
-                bodies.insert(id, mime);
-            }
-        }
-        Ok(bodies)
     }
 
     /// Marks the due recipients of leased messages `sending`; returns them
@@ -150,8 +128,8 @@ impl SqlStore {
 struct Leased {
     message: MessageRecord,
     mail_from: String,
-    /// Turns its redacted MIME into the MIME to send (messages with secrets).
-    mime_patch: Option<String>,
+    /// The MIME to send (`None` if the store lost it).
+    mime: Option<String>,
 }
 
 /// A recipient's new state, as bound into the multi-row UPDATE.
@@ -307,16 +285,17 @@ impl DeliveryStore for SqlStore {
         let taken = Self::lease_messages(&mut tx, &ids, owner, now, lease_until).await?;
         let taken_ids: Vec<&str> = taken.iter().map(|l| l.message.id.as_str()).collect();
         let mut recipients = Self::take_recipients(&mut tx, &taken_ids, now).await?;
-        let mut bodies = Self::bodies(&mut tx, &taken).await?;
         let mut claims = Vec::with_capacity(taken.len());
         let mut nothing_due = Vec::new();
         for Leased {
-            message, mail_from, ..
+            message,
+            mail_from,
+            mime,
         } in taken
         {
             match recipients.remove(&message.id) {
                 Some(due) => {
-                    let mime = bodies.remove(&message.id).ok_or_else(|| {
+                    let mime = mime.ok_or_else(|| {
                         StoreError::Corrupt(format!("message {} has no MIME", message.id))
                     })?;
                     claims.push(Claim {
