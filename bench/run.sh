@@ -54,7 +54,7 @@ pg "$PGBIN/initdb" -A trust -U postgres -D "$WORK/pg" >/dev/null
 pg "$PGBIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg/log" -w -o "-p $PGPORT -k $WORK/pg -c listen_addresses=127.0.0.1 -c synchronous_commit=on -c max_connections=200 -c shared_buffers=256MB" start >/dev/null
 PSQL="psql -h 127.0.0.1 -p $PGPORT -U postgres -q"
 $PSQL -c "CREATE DATABASE baseline" -c "CREATE DATABASE mailroom"
-redis-server --port "$REDISPORT" --bind 127.0.0.1 --save "" --appendonly no >/dev/null & PIDS+=($!)
+redis-server --port "$REDISPORT" --bind 127.0.0.1 --save "" --appendonly no >/dev/null & REDIS_PID=$!; PIDS+=($REDIS_PID)
 SINK_USER=(); [ "$(id -u)" = 0 ] && SINK_USER=(-u postfix)
 smtp-sink "${SINK_USER[@]}" 127.0.0.1:$SINKPORT 1024 & PIDS+=($!)
 wait_port $REDISPORT; wait_port $SINKPORT
@@ -90,6 +90,11 @@ run_mailroom() { # $1 = label, rest = env assignments
 
 echo "== Mailroom on Postgres + Redis" >&2
 run_mailroom postgres DATABASE_URL="postgres://postgres@127.0.0.1:$PGPORT/mailroom" REDIS_URL="redis://127.0.0.1:$REDISPORT"
+# The embedded stack needs neither: stop them (Postgres's shutdown
+# checkpoint writes out the burst) so their aftermath does not run under the
+# embedded measurements.
+pg "$PGBIN/pg_ctl" -D "$WORK/pg" -m fast stop >/dev/null
+kill "$REDIS_PID"; sync
 echo "== Mailroom embedded (SQLite + in-process queue)" >&2
 run_mailroom embedded
 
