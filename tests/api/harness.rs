@@ -410,35 +410,30 @@ impl Smtp {
         format!("smtp://127.0.0.1:{}?tls=none", self.port)
     }
 
-    pub async fn messages(&self) -> Vec<Value> {
-        let body: Value = reqwest::get(format!("http://127.0.0.1:{}/", self.control))
+    /// What the server has seen (its control endpoint's JSON).
+    async fn control(&self) -> Value {
+        reqwest::get(format!("http://127.0.0.1:{}/", self.control))
             .await
             .expect("smtp control")
             .json()
             .await
-            .expect("smtp control json");
+            .expect("smtp control json")
+    }
+
+    pub async fn messages(&self) -> Vec<Value> {
+        let body = self.control().await;
         body["messages"].as_array().cloned().unwrap_or_default()
     }
 
     /// SMTP transactions seen so far: (pipelined, one command at a time).
     pub async fn transactions(&self) -> (i64, i64) {
-        let body: Value = reqwest::get(format!("http://127.0.0.1:{}/", self.control))
-            .await
-            .expect("smtp control")
-            .json()
-            .await
-            .expect("json");
+        let body = self.control().await;
         let count = |k: &str| body["transactions"][k].as_i64().unwrap_or(0);
         (count("pipelined"), count("stepwise"))
     }
 
     pub async fn attempts(&self, address: &str) -> i64 {
-        let body: Value = reqwest::get(format!("http://127.0.0.1:{}/", self.control))
-            .await
-            .expect("smtp control")
-            .json()
-            .await
-            .expect("json");
+        let body = self.control().await;
         body["attempts"][address.to_lowercase()]
             .as_i64()
             .unwrap_or(0)
