@@ -192,7 +192,15 @@ async fn envelope_pipelined(
 ) -> Result<(), Failed> {
     let group = format!("{mail}{rcpt}{Data}");
     let mail_reply = unless_broken(conn.command(Raw(&group)).await, Stage::Mail)?;
-    let rcpt_reply = unless_broken(conn.read_response().await, Stage::Later)?;
+    let rcpt_reply = conn.read_response().await;
+    if matches!(&rcpt_reply, Err(e) if e.status().is_none()) {
+        if let Err(refused) = mail_reply {
+            // A server that refuses MAIL may hang up (421, or a 5xx): the
+            // refusal is the outcome, not the broken connection after it.
+            return Err((Failure::Smtp(refused), Stage::Later));
+        }
+    }
+    let rcpt_reply = unless_broken(rcpt_reply, Stage::Later)?;
     let data_reply = conn.read_response().await;
     let refused = match (mail_reply, rcpt_reply) {
         (Err(e), _) | (Ok(_), Err(e)) => e,

@@ -50,7 +50,8 @@ async fn metrics_show_the_waiting_messages() {
 
 /// Where the relay offers PIPELINING the envelope goes in one write, and a
 /// refused recipient (its DATA refused too) leaves the session in step: the
-/// next message on the same connection is delivered. Where it does not, one
+/// next message on the same connection is delivered; a refused sender whose
+/// relay hangs up is recorded with the relay's reply. Where it does not, one
 /// command at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelines_the_envelope_only_where_offered() {
@@ -71,6 +72,14 @@ async fn pipelines_the_envelope_only_where_offered() {
         let deferred = app.api.send(code_to("defer-p@example.com")).await;
         let m = app.api.wait_status(&deferred, "deferred").await;
         assert_eq!(m["attempts"][0]["smtp_code"], 451);
+        // A relay that refuses the sender and hangs up: its 554 is the
+        // outcome (permanent), not the broken connection after it.
+        let mut refused = code_to("three@example.com");
+        refused["from"] = json!("hangup@acme.test");
+        let refused = app.api.send(refused).await;
+        let m = app.api.wait_status(&refused, "bounced").await;
+        assert_eq!(m["attempts"][0]["smtp_code"], 554, "{m}");
+        assert_eq!(m["attempts"][0]["outcome"], "permanent", "{m}");
         let after = app.api.send(code_to("two@example.com")).await;
         let m = app.api.wait_status(&after, "delivered").await;
         assert_eq!(m["attempts"].as_array().unwrap().len(), 1, "{m}");

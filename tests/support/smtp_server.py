@@ -7,6 +7,8 @@ Replies are scripted by the recipient's local part:
   defer*@     451 4.7.1 always (transient)
   flakyN-*@   451 for the first N attempts at that address, then accepted
   slowMS-*@   accepted after sleeping MS milliseconds in DATA
+A sender whose local part starts with "hangup" gets 554 5.7.1 at MAIL and
+the connection closed at once.
 Everything accepted is parsed with Python's email package and served as JSON
 at GET http://127.0.0.1:<control-port>/messages.
 
@@ -94,6 +96,11 @@ class Handler:
         ahead = len(getattr(server._reader, "_buffer", b"")) > 0
         with LOCK:
             PIPELINED["pipelined" if ahead else "stepwise"] += 1
+        if address.split("@", 1)[0].lower().startswith("hangup"):
+            # Refuse the sender and hang up before reading anything else.
+            await server.push("554 5.7.1 <%s>: Sender rejected" % address)
+            server.transport.close()
+            return "554 5.7.1 closed"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
