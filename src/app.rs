@@ -126,7 +126,7 @@ impl Application {
             send_slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
             store: store.clone(),
             keys: TtlCache::new(crate::http::KEY_CACHE, 10_000),
-            store_gauges: TtlCache::new(crate::http::health::STORE_GAUGES, 1),
+            store_gauges: TtlCache::new(crate::metrics::STORE_GAUGES_TTL, 1),
             queue: queue.clone(),
             limiter,
             sender,

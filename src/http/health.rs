@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{AppState, Routes};
 use crate::domain::now_ms;
 use crate::error::ApiError;
-use crate::metrics::Gauges;
+use crate::metrics::{Gauges, StoreGauges};
 
 pub fn routes(r: Routes) -> Routes {
     r.get("/healthz", healthz)
@@ -38,19 +38,7 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
     })))
 }
 
-/// How long the store-derived gauges are reused. Counting a large backlog
-/// costs the store ~10 ms; a scraper (or several, or a load generator
-/// polling for its drain) cannot turn `/metrics` into store load.
-pub const STORE_GAUGES: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// The gauges `/metrics` reads from the store.
-#[derive(Clone, Default)]
-pub struct StoreGauges {
-    messages_waiting: i64,
-    oldest_due_seconds: f64,
-    webhook_backlog: i64,
-}
-
+/// The store's gauges, read at most once per [`crate::metrics::STORE_GAUGES_TTL`].
 async fn store_gauges(state: &AppState) -> StoreGauges {
     if let Some(cached) = state.store_gauges.get("store") {
         return cached;
@@ -85,10 +73,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             .collect();
         gauges.queue_delayed = depth.delayed;
     }
-    let store = store_gauges(&state).await;
-    gauges.messages_waiting = store.messages_waiting;
-    gauges.oldest_due_seconds = store.oldest_due_seconds;
-    gauges.webhook_backlog = store.webhook_backlog;
+    gauges.store = store_gauges(&state).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(&gauges),

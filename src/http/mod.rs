@@ -4,7 +4,7 @@
 
 mod events;
 mod extract;
-pub(crate) mod health;
+mod health;
 mod keys;
 mod messages;
 mod send;
@@ -32,7 +32,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::keys::ApiKey;
 use crate::limiter::Limiter;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreGauges};
 use crate::queue::Queue;
 use crate::sending::Sender;
 use crate::store::Store;
@@ -51,8 +51,8 @@ pub struct Ctx {
     /// Keys by prefix, so a request does not cost a store round trip
     /// (see [`KEY_CACHE`]).
     pub keys: TtlCache<ApiKey>,
-    /// The store-derived `/metrics` gauges (see [`health::STORE_GAUGES`]).
-    pub store_gauges: TtlCache<health::StoreGauges>,
+    /// The store-derived `/metrics` gauges (see [`crate::metrics::STORE_GAUGES_TTL`]).
+    pub store_gauges: TtlCache<StoreGauges>,
     pub queue: Arc<dyn Queue>,
     pub limiter: Arc<dyn Limiter>,
     pub sender: Sender,

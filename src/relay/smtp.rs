@@ -190,8 +190,7 @@ async fn envelope_pipelined(
     mail: &Mail,
     rcpt: &Rcpt,
 ) -> Result<(), Failed> {
-    let group = format!("{mail}{rcpt}{Data}");
-    let mail_reply = unless_broken(conn.command(Raw(&group)).await, Stage::Mail)?;
+    let mail_reply = unless_broken(conn.command(Envelope(mail, rcpt)).await, Stage::Mail)?;
     let rcpt_reply = conn.read_response().await;
     if matches!(&rcpt_reply, Err(e) if e.status().is_none()) {
         if let Err(refused) = mail_reply {
@@ -226,12 +225,12 @@ fn unless_broken(
     }
 }
 
-/// Text written as is (already terminated by CRLF).
-struct Raw<'a>(&'a str);
+/// MAIL, RCPT and DATA as one pipelined group (each keeps its CRLF).
+struct Envelope<'a>(&'a Mail, &'a Rcpt);
 
-impl fmt::Display for Raw<'_> {
+impl fmt::Display for Envelope<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.0)
+        write!(f, "{}{}{}", self.0, self.1, Data)
     }
 }
 

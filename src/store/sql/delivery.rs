@@ -80,11 +80,10 @@ impl SqlStore {
         found
             .iter()
             .map(|row| {
-                let patch: Option<String> = row.try_get("mime_patch")?;
                 Ok(Leased {
                     message: rows::message(row)?,
                     mail_from: row.try_get("mail_from")?,
-                    mime: rows::sent_mime(row, patch.as_deref())?,
+                    mime: rows::sent_mime(row)?,
                 })
             })
             .collect()

@@ -517,8 +517,7 @@ impl MessageStore for SqlStore {
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        let patch: Option<String> = row.try_get("mime_patch")?;
-        if let Some(mime) = rows::sent_mime(&row, patch.as_deref())? {
+        if let Some(mime) = rows::sent_mime(&row)? {
             return Ok(Some(RawMime {
                 mime,
                 redacted: false,

@@ -130,15 +130,17 @@ pub fn recipient(row: &AnyRow) -> StoreResult<RecipientRecord> {
     })
 }
 
-/// The MIME as sent, from a body row (`mime`, `mime_redacted`) and its
-/// message's patch; `None` once only the redacted copy is left.
-pub fn sent_mime(row: &AnyRow, patch: Option<&str>) -> StoreResult<Option<String>> {
+/// The MIME as sent, from a row with the body's `mime` and `mime_redacted`
+/// and the message's `mime_patch`; `None` once only the redacted copy is
+/// left.
+pub fn sent_mime(row: &AnyRow) -> StoreResult<Option<String>> {
     if let Some(mime) = row.try_get::<Option<String>, _>("mime")? {
         return Ok(Some(mime));
     }
     let redacted: Option<String> = row.try_get("mime_redacted")?;
+    let patch: Option<String> = row.try_get("mime_patch")?;
     match (redacted, patch) {
-        (Some(redacted), Some(patch)) => mime_patch::apply(&redacted, patch)
+        (Some(redacted), Some(patch)) => mime_patch::apply(&redacted, &patch)
             .map(Some)
             .map_err(|e| StoreError::Corrupt(e.to_string())),
         _ => Ok(None),
