@@ -83,12 +83,14 @@ run_mailroom() { # $1 = label, rest = env assignments
   local pid=$!; PIDS+=($pid)
   wait_port $HTTPPORT
   local key; key=$(cat "$data/admin-key")
+  # Postgres's CPU per message too, when it is the store.
+  local store=(); [ "$label" = postgres ] && store=(--store-pid "$(head -1 "$WORK/pg/postmaster.pid")")
   # The steady rate first, then saturation: right after a saturating burst
   # the store is busy with its aftermath (autovacuum of the burst's rows,
   # writeback) for about a minute, which is not the steady rate's tail
   # (docs/performance.md measures both).
-  ./target/release/mailroom-bench --base http://127.0.0.1:$HTTPPORT --key "$key" --pid $pid --mode open --rate "$RATE" --duration "$DUR" > "$WORK/$label-open.json"
-  ./target/release/mailroom-bench --base http://127.0.0.1:$HTTPPORT --key "$key" --pid $pid --mode closed --concurrency "$CLIENTS" --duration "$DUR" > "$WORK/$label-closed.json"
+  ./target/release/mailroom-bench --base http://127.0.0.1:$HTTPPORT --key "$key" --pid $pid "${store[@]}" --mode open --rate "$RATE" --duration "$DUR" > "$WORK/$label-open.json"
+  ./target/release/mailroom-bench --base http://127.0.0.1:$HTTPPORT --key "$key" --pid $pid "${store[@]}" --mode closed --concurrency "$CLIENTS" --duration "$DUR" > "$WORK/$label-closed.json"
   kill $pid; wait $pid 2>/dev/null || true
 }
 
@@ -105,16 +107,17 @@ run_mailroom embedded
 python3 - "$WORK" "$PG_TPS" "$SMTP_RATE" "$CLIENTS" "$RATE" <<'PY'
 import json, os, platform, subprocess, sys, datetime
 work, pg_tps, smtp_rate, clients, rate = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+us = lambda v: "–" if v is None else f"{v:.0f}"
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 print(f"\nMailroom benchmark — {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, commit {commit}, {os.cpu_count()} cores, {platform.platform()}")
 print(f"\nBaselines (same run): pgbench single-row INSERT, 32 clients: {pg_tps:,.0f} tps; smtp-source -> smtp-sink, 32 sessions: {smtp_rate:,.0f} msg/s\n")
-print("| stack | load | accepted/s | vs pgbench | accept p50 / p95 / p99 / max (ms) | delivered/s | vs smtp-sink | 202→250 p50 / p99 (ms) | errors | peak RSS MB | CPU % |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| stack | load | accepted/s | vs pgbench | accept p50 / p95 / p99 / max (ms) | delivered/s | vs smtp-sink | 202→250 p50 / p99 (ms) | errors | peak RSS MB | CPU % | CPU µs/msg Mailroom / Postgres |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for stack in ("postgres", "embedded"):
     for mode in ("closed", "open"):
         r = json.load(open(f"{work}/{stack}-{mode}.json"))
         load = f"closed, {clients} clients" if mode == "closed" else f"open, {rate}/s"
         a = r["accept_ms"]; t = r["to_relay_ms"]
         errors = {k: v for k, v in r["statuses"].items() if k != "202"}
-        print(f"| {stack} | {load} | {r['accepted_per_s']:,.0f} | {r['accepted_per_s']/pg_tps:.2f}× | {a['p50']:.1f} / {a['p95']:.1f} / {a['p99']:.1f} / {a['max']:.0f} | {r['delivered_per_s']:,.0f} | {r['delivered_per_s']/smtp_rate:.2f}× | {t['p50']:.0f} / {t['p99']:.0f} | {errors or 'none'} | {r['server_peak_rss_mb'] or 0:.0f} | {r['server_cpu_percent'] or 0:.0f} |")
+        print(f"| {stack} | {load} | {r['accepted_per_s']:,.0f} | {r['accepted_per_s']/pg_tps:.2f}× | {a['p50']:.1f} / {a['p95']:.1f} / {a['p99']:.1f} / {a['max']:.0f} | {r['delivered_per_s']:,.0f} | {r['delivered_per_s']/smtp_rate:.2f}× | {t['p50']:.0f} / {t['p99']:.0f} | {errors or 'none'} | {r['server_peak_rss_mb'] or 0:.0f} | {r['server_cpu_percent'] or 0:.0f} | {us(r.get('server_cpu_us_per_message'))} / {us(r.get('store_cpu_us_per_message'))} |")
 PY

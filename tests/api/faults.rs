@@ -265,12 +265,19 @@ async fn embedded_restart_keeps_everything() {
 }
 
 /// The load generator works (a second of tiny load; timings not asserted).
+/// The server runs in this process, so this process stands for both the
+/// server and the store whose CPU it reports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_generator_smoke() {
     let env = Env::new(Stack::Embedded).await;
     let app = TestApp::start(&env, None).await;
+    let me = std::process::id().to_string();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailroom-bench"))
         .args([
+            "--pid",
+            &me,
+            "--store-pid",
+            &me,
             "--base",
             &app.api.base,
             "--key",
@@ -296,6 +303,9 @@ async fn load_generator_smoke() {
     assert!(report["accepted"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(report["delivered"], report["accepted"], "{report}");
     assert!(report["to_relay_ms"]["samples"].as_u64().unwrap() > 0);
+    for cpu in ["server_cpu_us_per_message", "store_cpu_us_per_message"] {
+        assert!(report[cpu].as_f64().unwrap() > 0.0, "{cpu}: {report}");
+    }
     app.stop().await;
 }
 

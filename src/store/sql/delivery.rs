@@ -44,7 +44,8 @@ fn due_rows(found: &[sqlx::any::AnyRow]) -> StoreResult<Vec<(String, Priority, M
 impl SqlStore {
     /// Leases every due message among `ids` (one UPDATE per chunk); returns
     /// the rows taken, each with the MIME to send (read in the same
-    /// statement).
+    /// statement, by one body lookup: the full MIME, or the redacted copy
+    /// when the message holds a patch to it).
     ///
     /// Only the primary key may serve this statement. `next_attempt_at + 0`
     /// keeps the planner from answering it with `messages_pending_idx`
@@ -67,9 +68,8 @@ impl SqlStore {
                 "UPDATE messages SET lease_until = $1, lease_owner = $2, updated_at = $3, status = 'sending' \
                  WHERE id IN ({{keys}}) AND status NOT IN {FINAL} AND next_attempt_at + 0 <= $3 \
                  AND (lease_until IS NULL OR lease_until < $3) RETURNING {}, mail_from, mime_patch, \
-                 (SELECT b.mime FROM message_bodies b WHERE b.message_id = messages.id) AS mime, \
-                 (SELECT b.mime_redacted FROM message_bodies b WHERE b.message_id = messages.id) \
-                 AS mime_redacted",
+                 (SELECT CASE WHEN messages.mime_patch IS NULL THEN b.mime ELSE b.mime_redacted END \
+                 FROM message_bodies b WHERE b.message_id = messages.id) AS mime_base",
                 rows::MESSAGE_COLUMNS
             ),
             ids,
@@ -83,7 +83,7 @@ impl SqlStore {
                 Ok(Leased {
                     message: rows::message(row)?,
                     mail_from: row.try_get("mail_from")?,
-                    mime: rows::sent_mime(row)?,
+                    mime: rows::patched(row.try_get("mime_base")?, row.try_get("mime_patch")?)?,
                 })
             })
             .collect()

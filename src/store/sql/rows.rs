@@ -137,13 +137,21 @@ pub fn sent_mime(row: &AnyRow) -> StoreResult<Option<String>> {
     if let Some(mime) = row.try_get::<Option<String>, _>("mime")? {
         return Ok(Some(mime));
     }
-    let redacted: Option<String> = row.try_get("mime_redacted")?;
-    let patch: Option<String> = row.try_get("mime_patch")?;
-    match (redacted, patch) {
+    match row.try_get::<Option<String>, _>("mime_patch")? {
+        Some(patch) => patched(row.try_get("mime_redacted")?, Some(patch)),
+        None => Ok(None),
+    }
+}
+
+/// The MIME as sent from its stored base: the redacted copy with the
+/// message's patch applied, or (no patch) the base itself.
+pub fn patched(base: Option<String>, patch: Option<String>) -> StoreResult<Option<String>> {
+    match (base, patch) {
         (Some(redacted), Some(patch)) => mime_patch::apply(&redacted, &patch)
             .map(Some)
             .map_err(|e| StoreError::Corrupt(e.to_string())),
-        _ => Ok(None),
+        (base, None) => Ok(base),
+        (None, Some(_)) => Ok(None),
     }
 }
 
