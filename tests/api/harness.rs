@@ -20,11 +20,40 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+/// A port for a server this suite starts. A port the kernel hands out for
+/// `bind(…:0)` comes from the ephemeral range, which outgoing connections
+/// draw from too: between this check and the server's own bind, one of the
+/// suite's many client connections could take it ("Address already in
+/// use"). So the port is chosen below that range (which only explicit binds
+/// use), never twice in this process, and checked free.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    let high = ephemeral_low().clamp(LOW + 1_000, 65_536);
+    let span = high - LOW;
+    // Start at a random offset: two suites on one machine rarely collide.
+    let _ = NEXT.compare_exchange(
+        0,
+        rand::random::<u32>() % span + 1,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {LOW} and {high}");
+}
+
+/// The low end of the kernel's ephemeral port range (32768 by default).
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {
