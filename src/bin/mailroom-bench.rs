@@ -148,6 +148,7 @@ fn tree_cpu(pid: u32) -> Option<f64> {
             .sum()
     };
     let own = stat_fields(pid)?;
+    let parent = pid.to_string();
     let mut total = ticks(&own, 11, 14);
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(child) = entry
@@ -157,9 +158,7 @@ fn tree_cpu(pid: u32) -> Option<f64> {
         else {
             continue;
         };
-        if let Some(f) =
-            stat_fields(child).filter(|f| f.get(1).map(String::as_str) == Some(&pid.to_string()))
-        {
+        if let Some(f) = stat_fields(child).filter(|f| f.get(1) == Some(&parent)) {
             total += ticks(&f, 11, 12);
         }
     }
