@@ -8,8 +8,10 @@
 # smtp-sink on free ports; measures the raw baselines (pgbench single-row
 # INSERT at 32 clients; smtp-source -> smtp-sink with 32 sessions); then runs
 # mailroom-bench open-loop (1000/s) and closed-loop (32 clients) against
-# Postgres+Redis and against the embedded stack, and prints a table with each
-# figure's ratio to its baseline. Everything is torn down at the end.
+# Postgres+Redis, then each path alone there (`mailroom api` taking the
+# closed loop, then `mailroom worker` draining it), then the embedded stack,
+# and prints a table with each figure's ratio to its baseline. Everything is
+# torn down at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -94,8 +96,74 @@ run_mailroom() { # $1 = label, rest = env assignments
   kill $pid; wait $pid 2>/dev/null || true
 }
 
+# CPU seconds of a process and its children (reaped or alive), from /proc.
+tree_cpu() {
+  python3 - "$1" <<'PY'
+import os, sys
+pid = sys.argv[1]
+def fields(p):
+    try:
+        return open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+own = fields(pid)
+total = sum(int(v) for v in own[11:15])
+for p in filter(str.isdigit, os.listdir("/proc")):
+    f = fields(p)
+    if f and f[1] == pid:
+        total += int(f[11]) + int(f[12])
+print(total / os.sysconf("SC_CLK_TCK"))
+PY
+}
+
+# Each path alone on Postgres + Redis: `mailroom api` takes the closed loop
+# with nothing delivering, then `mailroom worker` drains what it accepted
+# with nothing accepting.
+run_paths() {
+  local data="$WORK/data-paths"; mkdir -p "$data"
+  local env=(DATABASE_URL="postgres://postgres@127.0.0.1:$PGPORT/paths" REDIS_URL="redis://127.0.0.1:$REDISPORT"
+    MAILROOM_REDIS_PREFIX=paths MAILROOM_DATA_DIR="$data" MAILROOM_RELAYS="smtp://127.0.0.1:$SINKPORT?tls=none&pool=32"
+    MAILROOM_WORKERS=64 MAILROOM_LOG_FORMAT=json RUST_LOG=warn)
+  local postmaster; postmaster=$(head -1 "$WORK/pg/postmaster.pid")
+  $PSQL -c "CREATE DATABASE paths"
+  env "${env[@]}" MAILROOM_LISTEN=127.0.0.1:$HTTPPORT ./target/release/mailroom api > "$WORK/paths-api.log" 2>&1 &
+  local pid=$!; PIDS+=($pid)
+  wait_port $HTTPPORT
+  ./target/release/mailroom-bench --base http://127.0.0.1:$HTTPPORT --key "$(cat "$data/admin-key")" --pid $pid --store-pid "$postmaster" \
+    --mode closed --concurrency "$CLIENTS" --duration "$DUR" --no-drain > "$WORK/paths-accept.json"
+  kill $pid; wait $pid 2>/dev/null || true
+  local waiting="SELECT count(*) FROM messages WHERE next_attempt_at IS NOT NULL"
+  local total; total=$($PSQL -At paths -c "$waiting")
+  local pg0; pg0=$(tree_cpu "$postmaster")
+  local t0; t0=$(date +%s.%N)
+  env "${env[@]}" ./target/release/mailroom worker > "$WORK/paths-worker.log" 2>&1 &
+  pid=$!; PIDS+=($pid)
+  for _ in $(seq 1 1200); do
+    [ "$($PSQL -At paths -c "$waiting")" = 0 ] && break
+    sleep 0.25
+  done
+  local t1; t1=$(date +%s.%N)
+  local worker_cpu; worker_cpu=$(tree_cpu $pid)
+  local pg1; pg1=$(tree_cpu "$postmaster")
+  local left; left=$($PSQL -At paths -c "$waiting")
+  kill $pid; wait $pid 2>/dev/null || true
+  python3 - "$total" "$left" "$t0" "$t1" "$worker_cpu" "$pg0" "$pg1" > "$WORK/paths-deliver.json" <<'PY'
+import json, sys
+total, left, t0, t1, worker, pg0, pg1 = sys.argv[1:]
+done, secs = int(total) - int(left), float(t1) - float(t0)
+per = lambda cpu: cpu / max(done, 1) * 1e6
+print(json.dumps({"delivered": done, "left": int(left), "seconds": secs, "delivered_per_s": done / secs,
+                  "server_cpu_us_per_message": per(float(worker)),
+                  "store_cpu_us_per_message": per(float(pg1) - float(pg0))}))
+PY
+}
+
 echo "== Mailroom on Postgres + Redis" >&2
 run_mailroom postgres DATABASE_URL="postgres://postgres@127.0.0.1:$PGPORT/mailroom" REDIS_URL="redis://127.0.0.1:$REDISPORT"
+echo "== each path alone: mailroom api, then mailroom worker" >&2
+# As after pgbench: the burst's rows are not the next phase's to vacuum.
+$PSQL -c "DROP DATABASE mailroom" -c "CHECKPOINT"; sync
+run_paths
 # The embedded stack needs neither: stop them (Postgres's shutdown
 # checkpoint writes out the burst) so their aftermath does not run under the
 # embedded measurements.
@@ -113,6 +181,12 @@ print(f"\nMailroom benchmark — {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC
 print(f"\nBaselines (same run): pgbench single-row INSERT, 32 clients: {pg_tps:,.0f} tps; smtp-source -> smtp-sink, 32 sessions: {smtp_rate:,.0f} msg/s\n")
 print("| stack | load | accepted/s | vs pgbench | accept p50 / p95 / p99 / max (ms) | delivered/s | vs smtp-sink | 202→250 p50 / p99 (ms) | errors | peak RSS MB | CPU % | CPU µs/msg Mailroom / Postgres |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+def paths():
+    a = json.load(open(f"{work}/paths-accept.json")); l = a["accept_ms"]
+    print(f"| postgres | accept alone (`mailroom api`), closed, {clients} clients | {a['accepted_per_s']:,.0f} | {a['accepted_per_s']/pg_tps:.2f}× | {l['p50']:.1f} / {l['p95']:.1f} / {l['p99']:.1f} / {l['max']:.0f} | – | – | – | {({k: v for k, v in a['statuses'].items() if k != '202'}) or 'none'} | {a['server_peak_rss_mb'] or 0:.0f} | {a['server_cpu_percent'] or 0:.0f} | {us(a.get('server_cpu_us_per_message'))} / {us(a.get('store_cpu_us_per_message'))} |")
+    d = json.load(open(f"{work}/paths-deliver.json"))
+    left = f" ({d['left']} left)" if d["left"] else ""
+    print(f"| postgres | delivery alone (`mailroom worker` drains {d['delivered']:,}{left}) | – | – | – | {d['delivered_per_s']:,.0f} | {d['delivered_per_s']/smtp_rate:.2f}× | – | – | – | – | {us(d['server_cpu_us_per_message'])} / {us(d['store_cpu_us_per_message'])} |")
 for stack in ("postgres", "embedded"):
     for mode in ("closed", "open"):
         r = json.load(open(f"{work}/{stack}-{mode}.json"))
@@ -120,4 +194,6 @@ for stack in ("postgres", "embedded"):
         a = r["accept_ms"]; t = r["to_relay_ms"]
         errors = {k: v for k, v in r["statuses"].items() if k != "202"}
         print(f"| {stack} | {load} | {r['accepted_per_s']:,.0f} | {r['accepted_per_s']/pg_tps:.2f}× | {a['p50']:.1f} / {a['p95']:.1f} / {a['p99']:.1f} / {a['max']:.0f} | {r['delivered_per_s']:,.0f} | {r['delivered_per_s']/smtp_rate:.2f}× | {t['p50']:.0f} / {t['p99']:.0f} | {errors or 'none'} | {r['server_peak_rss_mb'] or 0:.0f} | {r['server_cpu_percent'] or 0:.0f} | {us(r.get('server_cpu_us_per_message'))} / {us(r.get('store_cpu_us_per_message'))} |")
+    if stack == "postgres":
+        paths()
 PY

@@ -1,7 +1,7 @@
 //! Load generator for Mailroom (see docs/performance.md). Drives
 //! `POST /v1/send` with the built-in `verification-code` template, closed-loop
 //! (N clients back to back) or open-loop (a fixed rate), then waits for every
-//! accepted message to be delivered and reports: accepted/s, accept latency
+//! accepted message to be delivered (unless `--no-drain`) and reports: accepted/s, accept latency
 //! percentiles, errors by status, delivered/s, 202→relay-250 latency
 //! (sampled from the message records), and the server's peak RSS and CPU.
 //! Prints one JSON object on stdout (the table is made by bench/run.sh).
@@ -50,6 +50,11 @@ struct Args {
     /// Give up waiting for deliveries after this long
     #[arg(long, default_value = "120s")]
     drain_timeout: humantime::Duration,
+    /// Measure accepts only: do not wait for deliveries (for a server that
+    /// does not deliver, `mailroom api`; delivered/s and 202→250 are then
+    /// not measured)
+    #[arg(long)]
+    no_drain: bool,
 }
 
 #[derive(Default)]
@@ -241,7 +246,12 @@ async fn main() {
     };
     let accepted = accepted_ids.len() as u64;
     // Wait until everything accepted is delivered.
-    let drain_deadline = Instant::now() + Duration::from(args.drain_timeout);
+    let drain_timeout = if args.no_drain {
+        Duration::ZERO
+    } else {
+        args.drain_timeout.into()
+    };
+    let drain_deadline = Instant::now() + drain_timeout;
     let mut delivered = 0;
     while Instant::now() < drain_deadline {
         delivered = delivered_count(&client, &args.base)
@@ -262,8 +272,9 @@ async fn main() {
     let per_message_us = |cpu: f64| cpu / accepted.max(1) as f64 * 1e6;
     // 202 → 250 for a sample of messages, from their records.
     let step = (accepted_ids.len() / args.sample.max(1)).max(1);
+    let sample = if args.no_drain { 0 } else { args.sample };
     let mut to_relay = Vec::new();
-    for id in accepted_ids.iter().step_by(step).take(args.sample) {
+    for id in accepted_ids.iter().step_by(step).take(sample) {
         let Ok(resp) = client
             .get(format!("{}/v1/messages/{id}", args.base))
             .bearer_auth(&args.key)
