@@ -8,7 +8,9 @@
 //! planned once, not on every call; planning was a quarter of Postgres's
 //! CPU on the delivery path). `IN` lists and `UPDATE … FROM (VALUES …)` are
 //! padded up to the bucket by repeating their last key or row, which
-//! changes nothing; inserts are split into power-of-two chunks instead.
+//! changes nothing; the accept's insert is padded the same way and drops
+//! the repeats with `DISTINCT ON` its key (`messages::padded_insert`);
+//! other inserts are split into power-of-two chunks instead.
 
 use std::collections::HashMap;
 

@@ -22,19 +22,22 @@ const BODY_INSERT_COLS: usize = 3;
 /// Columns bound per recipient row.
 const RECIPIENT_INSERT_COLS: usize = 9;
 
+const MESSAGES_INSERT: &str =
+    "INSERT INTO messages (id, key_id, mode, status, priority, from_addr, \
+     mail_from, subject, template, template_version, locale, tags, metadata, message_id_header, \
+     size_bytes, send_at, expires_at, collapse_key, next_attempt_at, enqueued_at, created_at, \
+     updated_at, mime_patch)";
+
 fn messages_insert_sql(rows: usize, first: usize) -> String {
     format!(
-        "INSERT INTO messages (id, key_id, mode, status, priority, from_addr, mail_from, subject, \
-         template, template_version, locale, tags, metadata, message_id_header, \
-         size_bytes, send_at, expires_at, collapse_key, next_attempt_at, enqueued_at, created_at, \
-         updated_at, mime_patch) VALUES {}",
+        "{MESSAGES_INSERT} VALUES {}",
         batch::values(rows, MESSAGE_INSERT_COLS, first)
     )
 }
 
 fn bind_messages<'q>(
     mut query: AnyQuery<'q>,
-    messages: &[&'q NewMessage],
+    messages: impl IntoIterator<Item = &'q NewMessage>,
     now: Millis,
 ) -> AnyQuery<'q> {
     for m in messages {
@@ -66,14 +69,19 @@ fn bind_messages<'q>(
     query
 }
 
+const BODIES_INSERT: &str = "INSERT INTO message_bodies (message_id, mime, mime_redacted)";
+
 fn bodies_insert_sql(rows: usize, first: usize) -> String {
     format!(
-        "INSERT INTO message_bodies (message_id, mime, mime_redacted) VALUES {}",
+        "{BODIES_INSERT} VALUES {}",
         batch::values(rows, BODY_INSERT_COLS, first)
     )
 }
 
-fn bind_bodies<'q>(mut query: AnyQuery<'q>, messages: &[&'q NewMessage]) -> AnyQuery<'q> {
+fn bind_bodies<'q>(
+    mut query: AnyQuery<'q>,
+    messages: impl IntoIterator<Item = &'q NewMessage>,
+) -> AnyQuery<'q> {
     for m in messages {
         // With a patch the sent MIME is the redacted copy patched, not a
         // second full copy.
@@ -98,17 +106,19 @@ fn recipient_rows<'a>(messages: &[&'a NewMessage]) -> Vec<RecipientRow<'a>> {
         .collect()
 }
 
+const RECIPIENTS_INSERT: &str = "INSERT INTO recipients (message_id, idx, kind, address, email, \
+     status, attempts, next_attempt_at, updated_at)";
+
 fn recipients_insert_sql(rows: usize, first: usize) -> String {
     format!(
-        "INSERT INTO recipients (message_id, idx, kind, address, email, status, attempts, \
-         next_attempt_at, updated_at) VALUES {}",
+        "{RECIPIENTS_INSERT} VALUES {}",
         batch::values(rows, RECIPIENT_INSERT_COLS, first)
     )
 }
 
-fn bind_recipients<'q>(
+fn bind_recipients<'a, 'q: 'a>(
     mut query: AnyQuery<'q>,
-    rows: &[RecipientRow<'q>],
+    rows: impl IntoIterator<Item = &'a RecipientRow<'q>>,
     now: Millis,
 ) -> AnyQuery<'q> {
     for (m, i, r) in rows {
@@ -127,22 +137,83 @@ fn bind_recipients<'q>(
 }
 
 /// `WITH m AS (INSERT messages), b AS (INSERT bodies), r AS (INSERT
-/// recipients) SELECT 1` for `rows`.
-fn one_statement_insert_sql(rows: &[&NewMessage]) -> String {
-    let recipients: usize = rows.iter().map(|m| m.recipients.len()).sum();
-    let bodies_from = 1 + rows.len() * MESSAGE_INSERT_COLS;
+/// recipients) SELECT 1` for `messages` message rows and `recipients`
+/// recipient rows, both padded (see [`padded_insert`]).
+fn one_statement_insert_sql(messages: usize, recipients: usize) -> String {
+    let bodies_from = 1 + messages * MESSAGE_INSERT_COLS;
     format!(
         "WITH m AS ({}), b AS ({}), r AS ({}) SELECT 1",
-        messages_insert_sql(rows.len(), 1),
-        bodies_insert_sql(rows.len(), bodies_from),
-        recipients_insert_sql(recipients, bodies_from + rows.len() * BODY_INSERT_COLS)
+        padded_insert(MESSAGES_INSERT, messages, MESSAGE_INSERT_COLS, 1, "column1"),
+        padded_insert(
+            BODIES_INSERT,
+            messages,
+            BODY_INSERT_COLS,
+            bodies_from,
+            "column1"
+        ),
+        padded_insert(
+            RECIPIENTS_INSERT,
+            recipients,
+            RECIPIENT_INSERT_COLS,
+            bodies_from + messages * BODY_INSERT_COLS,
+            "column1, column2"
+        )
     )
 }
 
-fn bind_one_statement<'q>(sql: &'q str, rows: &[&'q NewMessage], now: Millis) -> AnyQuery<'q> {
-    let query = bind_messages(sqlx::query(sql), rows, now);
-    let query = bind_bodies(query, rows);
-    bind_recipients(query, &recipient_rows(rows), now)
+/// An insert of `rows` rows padded up to a power of two by repeating the
+/// last one, so that a group of any size up to a chunk is one prepared
+/// statement (and one round trip, its own transaction) instead of one per
+/// power-of-two piece in a transaction of their own. `DISTINCT ON` the
+/// table's key drops the repeats: the real rows never share a key (their
+/// message ids are new).
+fn padded_insert(insert: &str, rows: usize, cols: usize, first: usize, key: &str) -> String {
+    format!(
+        "{insert} SELECT DISTINCT ON ({key}) * FROM (VALUES {}) AS v",
+        batch::values(rows, cols, first)
+    )
+}
+
+/// One statement's share of an accepted group: its messages and their
+/// recipients, each with the row count bound (padded to a power of two).
+struct InsertChunk<'a> {
+    messages: &'a [&'a NewMessage],
+    message_rows: usize,
+    recipients: Vec<RecipientRow<'a>>,
+    recipient_rows: usize,
+}
+
+impl<'a> InsertChunk<'a> {
+    fn new(messages: &'a [&'a NewMessage], message_rows: usize) -> Self {
+        let recipients = recipient_rows(messages);
+        let recipient_rows = recipients.len().next_power_of_two();
+        InsertChunk {
+            messages,
+            message_rows,
+            recipients,
+            recipient_rows,
+        }
+    }
+
+    fn params(&self) -> usize {
+        self.message_rows * (MESSAGE_INSERT_COLS + BODY_INSERT_COLS)
+            + self.recipient_rows * RECIPIENT_INSERT_COLS
+    }
+
+    fn sql(&self) -> String {
+        one_statement_insert_sql(self.message_rows, self.recipient_rows)
+    }
+
+    fn bind<'q>(&'q self, sql: &'q str, now: Millis) -> AnyQuery<'q> {
+        let messages = || batch::fill(self.messages, self.message_rows).copied();
+        let query = bind_messages(sqlx::query(sql), messages(), now);
+        let query = bind_bodies(query, messages());
+        bind_recipients(
+            query,
+            batch::fill(&self.recipients, self.recipient_rows),
+            now,
+        )
+    }
 }
 
 impl SqlStore {
@@ -156,11 +227,11 @@ impl SqlStore {
     ) -> StoreResult<()> {
         for chunk in batch::split(messages, MESSAGE_INSERT_COLS) {
             let sql = messages_insert_sql(chunk.len(), 1);
-            bind_messages(sqlx::query(&sql), chunk, now)
+            bind_messages(sqlx::query(&sql), chunk.iter().copied(), now)
                 .execute(&mut *conn)
                 .await?;
             let sql = bodies_insert_sql(chunk.len(), 1);
-            bind_bodies(sqlx::query(&sql), chunk)
+            bind_bodies(sqlx::query(&sql), chunk.iter().copied())
                 .execute(&mut *conn)
                 .await?;
         }
@@ -175,10 +246,11 @@ impl SqlStore {
     }
 
     /// Postgres, plain messages (no collapse key, no idempotency key): the
-    /// three inserts in one statement per power-of-two chunk of the group.
-    /// A group that fits one chunk is one round trip (the statement is its
-    /// own transaction); a larger one runs its chunks in one transaction.
-    /// `false` if the group does not qualify.
+    /// three inserts in one statement per chunk of up to 64 messages,
+    /// padded (see [`padded_insert`]). A group that fits one chunk is one
+    /// round trip (the statement is its own transaction); a larger one runs
+    /// its chunks in one transaction. `false` if the group does not
+    /// qualify.
     async fn insert_in_one_statement(
         &self,
         messages: &[NewMessage],
@@ -191,32 +263,25 @@ impl SqlStore {
             return Ok(false);
         }
         let rows: Vec<&NewMessage> = messages.iter().collect();
-        let chunks = batch::split(
+        let chunks: Vec<InsertChunk> = batch::padded(
             &rows,
             MESSAGE_INSERT_COLS + BODY_INSERT_COLS + RECIPIENT_INSERT_COLS,
-        );
-        let fits = |chunk: &[&NewMessage]| {
-            let recipients: usize = chunk.iter().map(|m| m.recipients.len()).sum();
-            chunk.len() * (MESSAGE_INSERT_COLS + BODY_INSERT_COLS)
-                + recipients * RECIPIENT_INSERT_COLS
-                <= batch::MAX_PARAMS
-        };
-        if !chunks.iter().all(|c| fits(c)) {
+        )
+        .into_iter()
+        .map(|(chunk, size)| InsertChunk::new(chunk, size))
+        .collect();
+        if chunks.iter().any(|c| c.params() > batch::MAX_PARAMS) {
             return Ok(false);
         }
         if let [only] = chunks.as_slice() {
-            let sql = one_statement_insert_sql(only);
-            bind_one_statement(&sql, only, now)
-                .execute(&self.pool)
-                .await?;
+            let sql = only.sql();
+            only.bind(&sql, now).execute(&self.pool).await?;
             return Ok(true);
         }
         let mut tx = self.pool.begin().await?;
-        for chunk in chunks {
-            let sql = one_statement_insert_sql(chunk);
-            bind_one_statement(&sql, chunk, now)
-                .execute(&mut *tx)
-                .await?;
+        for chunk in &chunks {
+            let sql = chunk.sql();
+            chunk.bind(&sql, now).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(true)
