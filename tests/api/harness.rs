@@ -944,9 +944,13 @@ pub async fn app_with_smtp(stack: Stack) -> (Env, Smtp, TestApp) {
 
 /// The event types of a message resource, in order.
 pub fn event_types(message: &Value) -> Vec<&str> {
-    message["events"]
-        .as_array()
-        .map(|events| events.iter().filter_map(|e| e["type"].as_str()).collect())
+    field_strs(&message["events"], "type")
+}
+
+/// The string `field` of each object in the JSON array `list`.
+pub fn field_strs<'a>(list: &'a Value, field: &str) -> Vec<&'a str> {
+    list.as_array()
+        .map(|items| items.iter().filter_map(|i| i[field].as_str()).collect())
         .unwrap_or_default()
 }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::json;
 
-use crate::harness::{app_with_smtp, code_to, event_types, Env, Smtp, Stack, TestApp, Tls};
+use crate::harness::{
+    app_with_smtp, code_to, event_types, field_strs, Env, Smtp, Stack, TestApp, Tls,
+};
 use crate::on_both_stacks;
 
 on_both_stacks!(
@@ -195,13 +197,7 @@ async fn concurrent_sends_keep_their_recipients(stack: Stack) {
     }
     for (id, to) in &sent {
         let m = app.api.wait_status(id, "delivered").await;
-        let emails: Vec<&str> = m["recipients"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["email"].as_str().unwrap())
-            .collect();
-        assert_eq!(&emails, to, "{m}");
+        assert_eq!(&field_strs(&m["recipients"], "email"), to, "{m}");
         assert_eq!(m["attempts"].as_array().unwrap().len(), to.len(), "{m}");
     }
     app.stop().await;
@@ -304,13 +300,10 @@ async fn deferred_twice_then_delivered(stack: Stack) {
     let id = app.api.send(code_to("flaky2-x@example.com")).await;
     let m = app.api.wait_status(&id, "delivered").await;
     assert_eq!(m["recipients"][0]["attempts"], 3);
-    let outcomes: Vec<&str> = m["attempts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["outcome"].as_str().unwrap())
-        .collect();
-    assert_eq!(outcomes, ["transient", "transient", "delivered"]);
+    assert_eq!(
+        field_strs(&m["attempts"], "outcome"),
+        ["transient", "transient", "delivered"]
+    );
     assert_eq!(m["attempts"][0]["smtp_code"], 451);
     assert_eq!(m["attempts"][0]["enhanced_code"], "4.3.0");
     let types = event_types(&m);

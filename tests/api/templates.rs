@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::json;
 
-use crate::harness::{app_with_smtp, Env, ProcApp, Smtp, Stack};
+use crate::harness::{app_with_smtp, field_strs, Env, ProcApp, Smtp, Stack};
 use crate::on_both_stacks;
 
 on_both_stacks!(
@@ -98,13 +98,10 @@ async fn versions_pinning_and_locale_fallback(stack: Stack) {
         3
     );
     let list = app.api.get("/v1/templates").await.body;
-    let names: Vec<&str> = list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["password-reset", "verification-code", "welcome"]);
+    assert_eq!(
+        field_strs(&list["data"], "name"),
+        ["password-reset", "verification-code", "welcome"]
+    );
 
     // Built-ins can be overridden, and deleting the override restores them.
     let custom = json!({"subject": "Custom code", "text": "Code: {{ code }}", "secret": ["code"], "required": ["code"]});
