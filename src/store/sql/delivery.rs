@@ -68,9 +68,9 @@ impl SqlStore {
                 "UPDATE messages SET lease_until = $1, lease_owner = $2, updated_at = $3, status = 'sending' \
                  WHERE id IN ({{keys}}) AND status NOT IN {FINAL} AND next_attempt_at + 0 <= $3 \
                  AND (lease_until IS NULL OR lease_until < $3) RETURNING {}, mail_from, mime_patch, \
-                 (SELECT CASE WHEN messages.mime_patch IS NULL THEN b.mime ELSE b.mime_redacted END \
-                 FROM message_bodies b WHERE b.message_id = messages.id) AS mime_base",
-                rows::MESSAGE_COLUMNS
+                 (SELECT {} FROM message_bodies b WHERE b.message_id = messages.id) AS mime_base",
+                rows::MESSAGE_COLUMNS,
+                rows::mime_base("messages", "b")
             ),
             ids,
             3,
@@ -83,7 +83,7 @@ impl SqlStore {
                 Ok(Leased {
                     message: rows::message(row)?,
                     mail_from: row.try_get("mail_from")?,
-                    mime: rows::patched(row.try_get("mime_base")?, row.try_get("mime_patch")?)?,
+                    mime: rows::sent_mime(row)?,
                 })
             })
             .collect()

@@ -574,10 +574,11 @@ impl MessageStore for SqlStore {
     }
 
     async fn raw_mime(&self, id: &str) -> StoreResult<Option<RawMime>> {
-        let row = sqlx::query(
-            "SELECT b.mime, b.mime_redacted, m.mime_patch FROM message_bodies b \
+        let row = sqlx::query(&format!(
+            "SELECT {} AS mime_base, b.mime_redacted, m.mime_patch FROM message_bodies b \
              JOIN messages m ON m.id = b.message_id WHERE b.message_id = $1",
-        )
+            rows::mime_base("m", "b")
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;

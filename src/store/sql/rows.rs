@@ -130,23 +130,22 @@ pub fn recipient(row: &AnyRow) -> StoreResult<RecipientRecord> {
     })
 }
 
-/// The MIME as sent, from a row with the body's `mime` and `mime_redacted`
-/// and the message's `mime_patch`; `None` once only the redacted copy is
-/// left.
-pub fn sent_mime(row: &AnyRow) -> StoreResult<Option<String>> {
-    if let Some(mime) = row.try_get::<Option<String>, _>("mime")? {
-        return Ok(Some(mime));
-    }
-    match row.try_get::<Option<String>, _>("mime_patch")? {
-        Some(patch) => patched(row.try_get("mime_redacted")?, Some(patch)),
-        None => Ok(None),
-    }
+/// SQL for the stored base of the MIME as sent (select it `AS mime_base`,
+/// beside the message's `mime_patch`): the full MIME, or the redacted copy
+/// when the message holds a patch to it. `messages` and `bodies` name the
+/// two rows.
+pub fn mime_base(messages: &str, bodies: &str) -> String {
+    format!(
+        "CASE WHEN {messages}.mime_patch IS NULL THEN {bodies}.mime \
+         ELSE {bodies}.mime_redacted END"
+    )
 }
 
-/// The MIME as sent from its stored base: the redacted copy with the
-/// message's patch applied, or (no patch) the base itself.
-pub fn patched(base: Option<String>, patch: Option<String>) -> StoreResult<Option<String>> {
-    match (base, patch) {
+/// The MIME as sent, from a row with `mime_base` and `mime_patch`; `None`
+/// once only the redacted copy is left (or the store lost the body).
+pub fn sent_mime(row: &AnyRow) -> StoreResult<Option<String>> {
+    let base: Option<String> = row.try_get("mime_base")?;
+    match (base, row.try_get::<Option<String>, _>("mime_patch")?) {
         (Some(redacted), Some(patch)) => mime_patch::apply(&redacted, &patch)
             .map(Some)
             .map_err(|e| StoreError::Corrupt(e.to_string())),
