@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::now_ms;
+use crate::domain::{now_ms, Millis};
 use crate::queue::Queue;
 use crate::store::Store;
 
@@ -38,10 +38,8 @@ impl Sweeper {
         if expired > 0 {
             tracing::info!(expired, "expired overdue recipients");
         }
-        let lost = self
-            .store
-            .sweep(now, self.grace.as_millis() as i64, 2000)
-            .await?;
+        let before = unclaimed_before(now, self.grace, self.queue.oldest_waiting().await?);
+        let lost = self.store.sweep(now, before, 2000).await?;
         if !lost.is_empty() {
             tracing::info!(
                 count = lost.len(),
@@ -51,6 +49,24 @@ impl Sweeper {
             self.queue.enqueue(&items).await?;
         }
         Ok(())
+    }
+}
+
+/// How much earlier than the queue's oldest waiting entry a message must
+/// have been enqueued to count as lost: covers the time between a commit and
+/// its enqueue, and a Redis clock a little ahead of ours.
+const QUEUE_SLACK_MS: Millis = 1_000;
+
+/// The latest enqueue (and due) time of a message the queue can be judged
+/// to have lost: unclaimed for `grace`, and, while a backlog waits, older
+/// than everything still waiting in it (those were received, so one still
+/// unclaimed was lost; a younger one may only be waiting its turn, and
+/// enqueueing it again would only add a duplicate for the claim to drop).
+pub fn unclaimed_before(now: Millis, grace: Duration, oldest_waiting: Option<Millis>) -> Millis {
+    let by_grace = now - grace.as_millis() as Millis;
+    match oldest_waiting {
+        Some(oldest) => by_grace.min(oldest - QUEUE_SLACK_MS),
+        None => by_grace,
     }
 }
 
@@ -74,4 +90,25 @@ pub async fn rebuild_queue(store: &dyn Store, queue: &dyn Queue) -> anyhow::Resu
         }
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn without_a_backlog_the_grace_decides() {
+        assert_eq!(unclaimed_before(100_000, GRACE, None), 70_000);
+        // A short backlog (its oldest entry within the grace): same.
+        assert_eq!(unclaimed_before(100_000, GRACE, Some(95_000)), 70_000);
+    }
+
+    #[test]
+    fn a_backlog_longer_than_the_grace_is_not_enqueued_again() {
+        // The oldest entry still waiting was made ready 50 s ago: only what
+        // was enqueued before it (less the slack) can have been lost.
+        assert_eq!(unclaimed_before(100_000, GRACE, Some(50_000)), 49_000);
+    }
 }

@@ -15,7 +15,8 @@ use crate::domain::{now_ms, Millis, Priority};
 
 #[derive(Default)]
 struct Inner {
-    lanes: [VecDeque<String>; 3],
+    /// Ready ids with the time each was made ready, oldest first.
+    lanes: [VecDeque<(String, Millis)>; 3],
     ready: HashSet<String>,
     delayed: BinaryHeap<Reverse<(Millis, String, u8)>>,
     tick: u64,
@@ -30,9 +31,9 @@ fn lane_index(p: Priority) -> usize {
 }
 
 impl Inner {
-    fn push(&mut self, id: &str, lane: Priority) {
+    fn push(&mut self, id: &str, lane: Priority, now: Millis) {
         if self.ready.insert(id.to_string()) {
-            self.lanes[lane_index(lane)].push_back(id.to_string());
+            self.lanes[lane_index(lane)].push_back((id.to_string(), now));
         }
     }
 
@@ -42,7 +43,7 @@ impl Inner {
                 break;
             }
             if let Some(Reverse((_, id, lane))) = self.delayed.pop() {
-                self.push(&id, Priority::ALL[lane as usize]);
+                self.push(&id, Priority::ALL[lane as usize], now);
             }
         }
     }
@@ -53,7 +54,7 @@ impl Inner {
         let mut jobs = Vec::new();
         for lane in order {
             while jobs.len() < max {
-                let Some(id) = self.lanes[lane_index(lane)].pop_front() else {
+                let Some((id, _)) = self.lanes[lane_index(lane)].pop_front() else {
                     break;
                 };
                 self.ready.remove(&id);
@@ -90,9 +91,10 @@ impl MemoryQueue {
 impl Queue for MemoryQueue {
     async fn enqueue(&self, items: &[(String, Priority)]) -> Result<(), QueueError> {
         {
+            let now = now_ms();
             let mut inner = self.lock();
             for (id, lane) in items {
-                inner.push(id, *lane);
+                inner.push(id, *lane, now);
             }
         }
         self.notify.notify_waiters();
@@ -153,6 +155,15 @@ impl Queue for MemoryQueue {
         })
     }
 
+    async fn oldest_waiting(&self) -> Result<Option<Millis>, QueueError> {
+        let inner = self.lock();
+        Ok(inner
+            .lanes
+            .iter()
+            .filter_map(|lane| lane.front().map(|(_, at)| *at))
+            .min())
+    }
+
     async fn ping(&self) -> Result<(), QueueError> {
         Ok(())
     }
@@ -180,6 +191,24 @@ mod tests {
         let jobs = q.receive(10, Duration::from_millis(10)).await.unwrap();
         let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
         assert_eq!(ids, ["h1", "b1"]);
+    }
+
+    #[tokio::test]
+    async fn oldest_waiting_is_the_first_entry_not_received() {
+        let q = MemoryQueue::new();
+        assert_eq!(q.oldest_waiting().await.unwrap(), None);
+        let before = now_ms();
+        q.enqueue(&[("a".into(), Priority::Bulk)]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let second = now_ms();
+        q.enqueue(&[("b".into(), Priority::High)]).await.unwrap();
+        let oldest = q.oldest_waiting().await.unwrap().unwrap();
+        assert!(oldest >= before && oldest < second, "{oldest}");
+        // Taking the high lane's entry leaves the bulk one the oldest.
+        assert_eq!(q.receive(1, Duration::ZERO).await.unwrap()[0].id, "b");
+        assert_eq!(q.oldest_waiting().await.unwrap(), Some(oldest));
+        assert_eq!(q.receive(1, Duration::ZERO).await.unwrap()[0].id, "a");
+        assert_eq!(q.oldest_waiting().await.unwrap(), None);
     }
 
     #[tokio::test]

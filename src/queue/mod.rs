@@ -56,6 +56,12 @@ pub trait Queue: Send + Sync {
     async fn ack(&self, jobs: &[Job]) -> Result<(), QueueError>;
     /// Ready ids per lane, and delayed ids.
     async fn depth(&self) -> Result<QueueDepth, QueueError>;
+    /// When the oldest ready entry that no consumer has received yet was
+    /// made ready (`None` when none waits). Lanes are first in, first out,
+    /// so every entry made ready before it has been received: a message
+    /// still unclaimed from before then was lost, one from after may only
+    /// be waiting its turn (the sweeper repairs the first kind only).
+    async fn oldest_waiting(&self) -> Result<Option<Millis>, QueueError>;
     async fn ping(&self) -> Result<(), QueueError>;
     /// True when the queue forgets everything on restart (in-process), so
     /// start-up must rebuild it from the store.

@@ -59,6 +59,34 @@ end
 return out
 "#;
 
+/// The oldest entry of the lane streams KEYS[1..] that group ARGV[1] has
+/// not delivered to any consumer: the millisecond part of the first entry
+/// id after the group's `last-delivered-id`, least over the lanes; nil when
+/// no lane has one (or the streams and groups are gone).
+const OLDEST: &str = r#"
+local oldest = nil
+for i = 1, #KEYS do
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[i])
+  if ok then
+    for _, g in ipairs(groups) do
+      local name, last = nil, nil
+      for j = 1, #g, 2 do
+        if g[j] == 'name' then name = g[j + 1] end
+        if g[j] == 'last-delivered-id' then last = g[j + 1] end
+      end
+      if name == ARGV[1] and last then
+        local first = redis.call('XRANGE', KEYS[i], '(' .. last, '+', 'COUNT', 1)[1]
+        if first then
+          local ms = tonumber(string.match(first[1], '^(%d+)'))
+          if oldest == nil or ms < oldest then oldest = ms end
+        end
+      end
+    end
+  end
+end
+return oldest
+"#;
+
 pub struct RedisQueue {
     conn: RedisConn,
     /// Blocking reads get their own connection (they hold it while waiting).
@@ -68,6 +96,7 @@ pub struct RedisQueue {
     tick: AtomicU64,
     last_autoclaim: Mutex<Instant>,
     take: ::redis::Script,
+    oldest: ::redis::Script,
 }
 
 fn unavailable(e: ::redis::RedisError) -> QueueError {
@@ -84,6 +113,7 @@ impl RedisQueue {
             tick: AtomicU64::new(0),
             last_autoclaim: Mutex::new(Instant::now()),
             take: ::redis::Script::new(TAKE),
+            oldest: ::redis::Script::new(OLDEST),
         };
         queue.ensure_groups().await?;
         Ok(queue)
@@ -363,6 +393,20 @@ impl Queue for RedisQueue {
                 .collect(),
             delayed: counts.get(3).copied().unwrap_or(0),
         })
+    }
+
+    /// From the stream entry ids, which Redis stamps with its own clock at
+    /// `XADD` (the sweeper allows for skew and commit-to-enqueue time).
+    async fn oldest_waiting(&self) -> Result<Option<Millis>, QueueError> {
+        let mut invocation = self.oldest.prepare_invoke();
+        for lane in Priority::ALL {
+            invocation.key(self.stream(lane));
+        }
+        invocation.arg(GROUP);
+        self.conn
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await
+            .map_err(unavailable)
     }
 
     async fn ping(&self) -> Result<(), QueueError> {

@@ -117,12 +117,13 @@ pub trait DeliveryStore: Send + Sync {
     /// Records what happened to each recipient of each message, in one
     /// transaction; returns each message's new status and next due time.
     async fn record_many(&self, reports: &[DeliveryReport]) -> StoreResult<Vec<RecordResult>>;
-    /// Messages due for more than `grace` that nobody claimed: the queue lost
-    /// them. Marks them re-enqueued.
+    /// Messages not leased, due and last enqueued no later than `before`,
+    /// which the sweeper has judged the queue to have lost. Marks them
+    /// re-enqueued (at `now`).
     async fn sweep(
         &self,
         now: Millis,
-        grace: i64,
+        before: Millis,
         limit: i64,
     ) -> StoreResult<Vec<(String, Priority, Millis)>>;
     /// Every message not final and not leased, for rebuilding a volatile queue.

@@ -160,6 +160,59 @@ async fn redis_flushall_loses_nothing() {
     app.stop().await;
 }
 
+/// A backlog that waits in Redis longer than the sweep grace is not enqueued
+/// a second time (each copy would cost a claim that finds nothing to do), and
+/// is still delivered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_older_than_the_grace_is_not_enqueued_again() {
+    let env = Env::new(Stack::Postgres).await;
+    let smtp = Smtp::start();
+    let mut settings = env.settings(Some(smtp.relay()));
+    // One delivery slot, held for 6 s by the first message: the others wait
+    // in the stream, unreceived, for three times the 2 s grace.
+    settings.workers = Some(1);
+    let app = TestApp::spawn(settings).await;
+    let first = app.api.send(code_to("slow6000-first@example.com")).await;
+    eventually(
+        Duration::from_secs(5),
+        "the first message taken",
+        || async {
+            let m = app.api.message(&first).await;
+            (m["status"] == "sending").then_some(())
+        },
+    )
+    .await;
+    let mut ids = vec![first];
+    for i in 0..12 {
+        ids.push(
+            app.api
+                .send(code_to(&format!("waiting{i}@example.com")))
+                .await,
+        );
+    }
+    let redis = env.redis.as_ref().unwrap();
+    let entries = || -> i64 {
+        ["high", "normal", "bulk"]
+            .iter()
+            .map(|lane| {
+                redis
+                    .cli(&["XLEN", &format!("mr:q:{lane}")])
+                    .parse::<i64>()
+                    .unwrap()
+            })
+            .sum()
+    };
+    assert_eq!(entries(), 13);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(entries(), 13, "the sweeper enqueued waiting messages again");
+    all_delivered(&app.api, &ids, Duration::from_secs(30)).await;
+    for i in 0..12 {
+        let rcpt = format!("waiting{i}@example.com");
+        assert_eq!(smtp.received_by(&rcpt).await.len(), 1, "{rcpt}");
+    }
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_means_no_500_and_recovery() {
     let mut env = Env::new(Stack::Postgres).await;

@@ -350,15 +350,17 @@ impl DeliveryStore for SqlStore {
     async fn sweep(
         &self,
         now: Millis,
-        grace: i64,
+        before: Millis,
         limit: i64,
     ) -> StoreResult<Vec<(String, Priority, Millis)>> {
+        // A message enters the queue at its due time at the earliest, so
+        // both bounds must hold for it to have been there before `before`.
         let found = sqlx::query(&format!(
             "SELECT id, priority, next_attempt_at AS due FROM messages WHERE status IN {NOT_FINAL} \
              AND next_attempt_at <= $1 AND enqueued_at <= $1 \
              AND (lease_until IS NULL OR lease_until < $2) ORDER BY next_attempt_at LIMIT $3"
         ))
-        .bind(now - grace)
+        .bind(before)
         .bind(now)
         .bind(limit)
         .fetch_all(&self.pool)
