@@ -6,6 +6,7 @@ mod commit;
 mod compose;
 mod dkim;
 pub mod request;
+mod transfer;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
