@@ -133,13 +133,19 @@ async fn sigterm_drains_and_exits_cleanly(stack: Stack) {
     all_delivered(&app.api, &ids, Duration::from_secs(60)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_flushall_loses_nothing() {
+/// Postgres + Redis and an SMTP server, with `workers` delivery slots.
+async fn on_postgres_with_workers(workers: usize) -> (Env, Smtp, TestApp) {
     let env = Env::new(Stack::Postgres).await;
     let smtp = Smtp::start();
     let mut settings = env.settings(Some(smtp.relay()));
-    settings.workers = Some(2);
+    settings.workers = Some(workers);
     let app = TestApp::spawn(settings).await;
+    (env, smtp, app)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_flushall_loses_nothing() {
+    let (env, _smtp, app) = on_postgres_with_workers(2).await;
     let soon = (chrono::Utc::now() + chrono::Duration::seconds(2)).to_rfc3339();
     let mut ids = Vec::new();
     for i in 0..10 {
@@ -165,13 +171,9 @@ async fn redis_flushall_loses_nothing() {
 /// is still delivered exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_older_than_the_grace_is_not_enqueued_again() {
-    let env = Env::new(Stack::Postgres).await;
-    let smtp = Smtp::start();
-    let mut settings = env.settings(Some(smtp.relay()));
     // One delivery slot, held for 6 s by the first message: the others wait
     // in the stream, unreceived, for three times the 2 s grace.
-    settings.workers = Some(1);
-    let app = TestApp::spawn(settings).await;
+    let (env, smtp, app) = on_postgres_with_workers(1).await;
     let first = app.api.send(code_to("slow6000-first@example.com")).await;
     eventually(
         Duration::from_secs(5),
