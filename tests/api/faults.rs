@@ -153,13 +153,8 @@ async fn redis_flushall_loses_nothing() {
         body["send_at"] = json!(soon);
         ids.push(app.api.send(body).await);
     }
-    for i in 0..20 {
-        ids.push(
-            app.api
-                .send(code_to(&format!("slow100-now{i}@example.com")))
-                .await,
-        );
-    }
+    ids.extend(burst(&app.api, 20, 1, |i| format!("slow100-now{i}@example.com")).await);
+    assert_eq!(ids.len(), 30);
     let redis = env.redis.as_ref().unwrap();
     assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
     all_delivered(&app.api, &ids, Duration::from_secs(60)).await;
@@ -185,13 +180,8 @@ async fn a_backlog_older_than_the_grace_is_not_enqueued_again() {
     )
     .await;
     let mut ids = vec![first];
-    for i in 0..12 {
-        ids.push(
-            app.api
-                .send(code_to(&format!("waiting{i}@example.com")))
-                .await,
-        );
-    }
+    ids.extend(burst(&app.api, 12, 1, |i| format!("waiting{i}@example.com")).await);
+    assert_eq!(ids.len(), 13);
     let redis = env.redis.as_ref().unwrap();
     let entries = || -> i64 {
         ["high", "normal", "bulk"]
