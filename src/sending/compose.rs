@@ -37,28 +37,9 @@ fn err(e: impl std::fmt::Display) -> ComposeError {
     ComposeError(e.to_string())
 }
 
-/// `text` with every line ending CRLF, in one pass (lettre's conversion
-/// inserted a CR in place per line, a copy of the rest of the body each).
-fn crlf(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + text.len() / 32);
-    let mut lines = text.split('\n');
-    let first = lines.next().unwrap_or_default();
-    out.push_str(first);
-    let mut ends_cr = first.ends_with('\r');
-    for line in lines {
-        if !ends_cr {
-            out.push('\r');
-        }
-        out.push('\n');
-        out.push_str(line);
-        ends_cr = line.ends_with('\r');
-    }
-    out
-}
-
 fn body(rendered: &Rendered, boundary: &str) -> Result<MultiPart, SinglePart> {
-    let plain = |text: &str| SinglePart::plain(transfer::encode(&crlf(text)));
-    let html = |html: &str| SinglePart::html(transfer::encode(&crlf(html)));
+    let plain = |text: &str| SinglePart::plain(transfer::encode(text));
+    let html = |html: &str| SinglePart::html(transfer::encode(html));
     match (&rendered.text, &rendered.html) {
         (Some(text), Some(markup)) => Ok(MultiPart::alternative()
             .boundary(format!("{boundary}-alt"))
@@ -124,22 +105,6 @@ pub fn compose(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn line_endings_become_crlf_once() {
-        for (given, want) in [
-            ("", ""),
-            ("a", "a"),
-            ("a\nb", "a\r\nb"),
-            ("a\r\nb\n", "a\r\nb\r\n"),
-            ("\n\n", "\r\n\r\n"),
-            ("\r\n\n", "\r\n\r\n"),
-            ("é\n\r\n你\n", "é\r\n\r\n你\r\n"),
-            ("a\rb\n", "a\rb\r\n"),
-        ] {
-            assert_eq!(crlf(given), want, "{given:?}");
-        }
-    }
 
     #[test]
     fn unicode_headers_are_encoded_and_bcc_absent() {

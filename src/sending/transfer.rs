@@ -1,4 +1,5 @@
-//! Content-Transfer-Encoding of text and HTML parts: a quick survey that
+//! Content-Transfer-Encoding of text and HTML parts, line endings made
+//! CRLF on the way (templates are written with LF): a quick survey that
 //! chooses 7bit, quoted-printable or base64 (lettre's rule: 7bit for short
 //! ASCII lines, else quoted-printable unless over a third of the bytes need
 //! escaping), and our own quoted-printable encoder; lettre gets the encoded
@@ -11,7 +12,7 @@ use base64::Engine;
 use lettre::message::header::ContentTransferEncoding;
 use lettre::message::Body;
 
-/// Longest line, CRLF excluded, a part may keep unencoded (lettre's limit,
+/// Longest line, line break excluded, a part may keep unencoded (lettre's limit,
 /// stricter than RFC 5322's 998).
 const MAX_PLAIN_LINE: usize = 75;
 /// Longest encoded line, CRLF excluded (RFC 2045 §6.7, §6.8).
@@ -32,11 +33,11 @@ const SAFE: [bool; 256] = {
     table
 };
 
-/// What a pass over a text whose lines end CRLF found.
+/// What a pass over a text (lines ending LF or CRLF) found.
 struct Survey {
     /// Printable ASCII and tabs only, no line over [`MAX_PLAIN_LINE`].
     plain: bool,
-    /// Bytes quoted-printable must escape (the CRLF line breaks excluded).
+    /// Bytes quoted-printable must escape (line breaks excluded).
     escaped: usize,
 }
 
@@ -55,45 +56,67 @@ fn count_unprintable(text: &[u8]) -> usize {
 
 fn survey(text: &[u8]) -> Survey {
     let outside = count_unprintable(text);
-    let mut breaks = 0;
+    // Bytes of line breaks: the LF, and the CR before it if any.
+    let mut break_bytes = 0;
     let mut longest = 0;
     let mut line_start = 0;
     for lf in memchr::memchr_iter(b'\n', text) {
-        if lf == 0 || text[lf - 1] != b'\r' {
-            // A bare LF (callers normalise them away) is no line break.
-            continue;
-        }
-        breaks += 1;
-        longest = longest.max(lf.saturating_sub(line_start + 1));
+        let crlf = lf > line_start && text[lf - 1] == b'\r';
+        break_bytes += 1 + usize::from(crlf);
+        longest = longest.max(lf - line_start - usize::from(crlf));
         line_start = lf + 1;
     }
     longest = longest.max(text.len() - line_start);
-    let escaped = outside - 2 * breaks;
+    let escaped = outside - break_bytes;
     Survey {
         plain: escaped == 0 && longest <= MAX_PLAIN_LINE,
         escaped,
     }
 }
 
-/// `text` (lines ending CRLF) as a part body in the most compact safe
-/// encoding: 7bit when it needs none, else quoted-printable when at most a
-/// third of it needs escaping, else base64.
+/// `text` (lines ending LF or CRLF) as a part body, lines ending CRLF, in
+/// the most compact safe encoding: 7bit when it needs none, else
+/// quoted-printable when at most a third of it needs escaping, else base64.
 pub fn encode(text: &str) -> Body {
     let bytes = text.as_bytes();
     let found = survey(bytes);
     if found.plain {
-        Body::dangerous_pre_encoded(bytes.to_vec(), ContentTransferEncoding::SevenBit)
+        Body::dangerous_pre_encoded(crlf(text).into_bytes(), ContentTransferEncoding::SevenBit)
     } else if found.escaped <= bytes.len() / 3 {
+        // Writes every line break as CRLF itself.
         Body::dangerous_pre_encoded(
             quoted_printable(bytes),
             ContentTransferEncoding::QuotedPrintable,
         )
     } else {
-        Body::dangerous_pre_encoded(base64_lines(bytes), ContentTransferEncoding::Base64)
+        Body::dangerous_pre_encoded(
+            base64_lines(crlf(text).as_bytes()),
+            ContentTransferEncoding::Base64,
+        )
     }
 }
 
-/// Quoted-printable (RFC 2045 §6.7): CRLF stays a hard line break, `=`,
+/// `text` with every line ending CRLF, in one pass (lettre's conversion
+/// inserted a CR in place per line, a copy of the rest of the body each).
+fn crlf(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 32);
+    let mut lines = text.split('\n');
+    let first = lines.next().unwrap_or_default();
+    out.push_str(first);
+    let mut ends_cr = first.ends_with('\r');
+    for line in lines {
+        if !ends_cr {
+            out.push('\r');
+        }
+        out.push('\n');
+        out.push_str(line);
+        ends_cr = line.ends_with('\r');
+    }
+    out
+}
+
+/// Quoted-printable (RFC 2045 §6.7): a line break (LF or CRLF) becomes a
+/// CRLF hard line break, `=`,
 /// controls, 8-bit bytes and whitespace ending a line are escaped, and a
 /// soft break (`=` CRLF) keeps every line within 76 characters.
 fn quoted_printable(text: &[u8]) -> Vec<u8> {
@@ -218,10 +241,34 @@ mod tests {
     }
 
     #[test]
-    fn bare_line_feeds_are_not_plain() {
-        assert!(!survey(b"a\nb").plain);
-        assert!(!survey(b"\n").plain);
-        assert!(survey(b"a\r\nb").plain);
+    fn line_endings_become_crlf_once() {
+        for (given, want) in [
+            ("", ""),
+            ("a", "a"),
+            ("a\nb", "a\r\nb"),
+            ("a\r\nb\n", "a\r\nb\r\n"),
+            ("\n\n", "\r\n\r\n"),
+            ("\r\n\n", "\r\n\r\n"),
+            ("é\n\r\n你\n", "é\r\n\r\n你\r\n"),
+            ("a\rb\n", "a\rb\r\n"),
+        ] {
+            assert_eq!(crlf(given), want, "{given:?}");
+        }
+    }
+
+    #[test]
+    fn lf_and_crlf_are_both_line_breaks() {
+        for text in ["a\nb", "a\r\nb", "\n", "\r\n\n"] {
+            let found = survey(text.as_bytes());
+            assert!(found.plain && found.escaped == 0, "{text:?}");
+            assert_eq!(encode(text).as_ref(), crlf(text).as_bytes(), "{text:?}");
+        }
+        // A CR not ending a line is no line break.
+        assert_eq!(survey(b"a\rb").escaped, 1);
+        // Line length excludes the break, either kind.
+        let line = "x".repeat(MAX_PLAIN_LINE);
+        assert!(survey(format!("{line}\n{line}\r\n").as_bytes()).plain);
+        assert!(!survey(format!("{line}x\n").as_bytes()).plain);
     }
 
     #[test]
@@ -259,10 +306,11 @@ mod tests {
             "bare\rcr",
             "=\r\n=",
             "ends with CRLF\r\n",
+            "lf \nbreaks\n\nmixed\r\nend\n",
         ] {
             let encoded = quoted_printable(text.as_bytes());
             check_lines(&encoded);
-            assert_eq!(decode_qp(&encoded), text.as_bytes(), "{text:?}");
+            assert_eq!(decode_qp(&encoded), crlf(text).as_bytes(), "{text:?}");
         }
     }
 
