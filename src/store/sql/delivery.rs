@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, Connection, Row};
 
 use super::events::{
     last_sequences, message_event, subscriptions, write_events, MessageEvent, PendingEvent,
@@ -273,13 +273,13 @@ impl DeliveryStore for SqlStore {
         // message is claimed again), so on Postgres its commit skips the WAL
         // flush (the durable commit of the outcome flushes it anyway). Sent
         // with the BEGIN, in the same round trip.
+        let mut conn = self.hot.get(&self.pool).await?;
         let mut tx = match self.backend {
             Backend::Postgres => {
-                self.pool
-                    .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
+                conn.begin_with("BEGIN; SET LOCAL synchronous_commit = off")
                     .await?
             }
-            Backend::Sqlite => self.pool.begin().await?,
+            Backend::Sqlite => conn.begin().await?,
         };
         let taken = Self::lease_messages(&mut tx, &ids, owner, now, lease_until).await?;
         let taken_ids: Vec<&str> = taken.iter().map(|l| l.message.id.as_str()).collect();
@@ -313,11 +313,13 @@ impl DeliveryStore for SqlStore {
             recompute_messages(&mut tx, &release, now).await?;
         }
         tx.commit().await?;
+        conn.keep();
         Ok(claims)
     }
 
     async fn record_many(&self, reports: &[DeliveryReport]) -> StoreResult<Vec<RecordResult>> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.hot.get(&self.pool).await?;
+        let mut tx = conn.begin().await?;
         update_recipients(&mut tx, reports).await?;
         insert_attempts(&mut tx, reports).await?;
         for report in reports {
@@ -332,6 +334,7 @@ impl DeliveryStore for SqlStore {
             .collect();
         let mut done = recompute_messages(&mut tx, &flags, now).await?;
         tx.commit().await?;
+        conn.keep();
         reports
             .iter()
             .map(|r| {
@@ -443,13 +446,14 @@ impl DeliveryStore for SqlStore {
             return Ok(Vec::new());
         }
         let keys: Vec<&str> = lower.iter().map(String::as_str).collect();
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.hot.get(&self.pool).await?;
         let rows = batch::select_in(
             &mut conn,
             "SELECT email FROM suppressions WHERE email IN ({keys})",
             &keys,
         )
         .await?;
+        conn.keep();
         rows.iter().map(|row| Ok(row.try_get("email")?)).collect()
     }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, Connection, Row};
 
 use super::batch::{self, AnyQuery};
 use super::events::{last_sequences, message_event, subscriptions, write_events, MessageEvent};
@@ -273,17 +273,19 @@ impl SqlStore {
         if chunks.iter().any(|c| c.params() > batch::MAX_PARAMS) {
             return Ok(false);
         }
+        let mut conn = self.hot.get(&self.pool).await?;
         if let [only] = chunks.as_slice() {
             let sql = only.sql();
-            only.bind(&sql, now).execute(&self.pool).await?;
-            return Ok(true);
+            only.bind(&sql, now).execute(&mut *conn).await?;
+        } else {
+            let mut tx = conn.begin().await?;
+            for chunk in &chunks {
+                let sql = chunk.sql();
+                chunk.bind(&sql, now).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
         }
-        let mut tx = self.pool.begin().await?;
-        for chunk in &chunks {
-            let sql = chunk.sql();
-            chunk.bind(&sql, now).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
+        conn.keep();
         Ok(true)
     }
 
@@ -498,7 +500,8 @@ impl MessageStore for SqlStore {
         if self.insert_in_one_statement(batch, now).await? {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.hot.get(&self.pool).await?;
+        let mut tx = conn.begin().await?;
         // Messages with a collapse key go one at a time, in order, so that
         // the newest of a group supersedes the older ones.
         let (collapsing, plain): (Vec<&NewMessage>, Vec<&NewMessage>) =
@@ -512,6 +515,7 @@ impl MessageStore for SqlStore {
             finish_idempotency(&mut tx, idem).await?;
         }
         tx.commit().await?;
+        conn.keep();
         Ok(())
     }
 

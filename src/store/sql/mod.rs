@@ -7,6 +7,7 @@
 mod batch;
 mod delivery;
 mod events;
+mod hot;
 mod keys;
 mod messages;
 mod misc;
@@ -74,7 +75,12 @@ enum Backend {
 pub struct SqlStore {
     pool: AnyPool,
     backend: Backend,
+    /// Connections kept for accept, claim and outcome (Postgres only).
+    hot: hot::HotConnections,
 }
+
+/// Idle connections kept out of the Postgres pool for the hot paths.
+const HOT_CONNECTIONS: usize = 8;
 
 impl SqlStore {
     /// Connects (creating the SQLite file if needed). `pool_size` applies to
@@ -151,7 +157,11 @@ impl SqlStore {
             _ => url.to_string(),
         };
         let pool = options.connect(&url).await?;
-        Ok(SqlStore { pool, backend })
+        let hot = hot::HotConnections::new(match backend {
+            Backend::Postgres => HOT_CONNECTIONS.min(pool_size as usize / 4),
+            Backend::Sqlite => 0,
+        });
+        Ok(SqlStore { pool, backend, hot })
     }
 
     /// `sqlite://` URL for a file in the data directory (created if missing).
