@@ -51,6 +51,25 @@ fn body(rendered: &Rendered, boundary: &str) -> Result<MultiPart, SinglePart> {
     }
 }
 
+/// The SMTP envelope lettre would otherwise derive by parsing the headers
+/// it has just written (From, To, Cc). Never used to send: delivery takes
+/// the envelope from the stored recipients.
+fn envelope(
+    from: &lettre::message::Mailbox,
+    e: &Envelope<'_>,
+) -> Result<lettre::address::Envelope, ComposeError> {
+    let mut to = Vec::with_capacity(e.to.len() + e.cc.len());
+    for m in e.to.iter().chain(e.cc) {
+        to.push(m.to_lettre().map_err(err)?.email);
+    }
+    if to.is_empty() {
+        // Bcc only: lettre's envelope needs a recipient; the From address
+        // stands in (as above, it is never used to send).
+        to.push(from.email.clone());
+    }
+    lettre::address::Envelope::new(Some(from.email.clone()), to).map_err(err)
+}
+
 /// The message as bytes (ASCII: every part is transfer-encoded).
 /// Signed with DKIM when `dkim` has a key for the From domain.
 pub fn compose(
@@ -58,8 +77,10 @@ pub fn compose(
     rendered: &Rendered,
     dkim: Option<&DkimSigner>,
 ) -> Result<String, ComposeError> {
+    let from = e.from.to_lettre().map_err(err)?;
     let mut builder = Message::builder()
-        .from(e.from.to_lettre().map_err(err)?)
+        .envelope(envelope(&from, e)?)
+        .from(from)
         .subject(rendered.subject.clone())
         .message_id(Some(e.message_id.to_string()))
         .date(e.date);
@@ -135,5 +156,29 @@ mod tests {
         assert!(mime.contains("multipart/alternative"));
         assert!(mime.contains("b0123-alt"));
         assert!(!mime.to_lowercase().contains("\nbcc:"));
+    }
+
+    #[test]
+    fn a_message_for_bcc_recipients_only_has_no_to_or_cc_header() {
+        let from = Mailbox::parse("Acme <no-reply@acme.test>").unwrap();
+        let e = Envelope {
+            from: &from,
+            to: &[],
+            cc: &[],
+            reply_to: &[],
+            headers: &[],
+            attachments: &[],
+            message_id: "<abc@acme.test>",
+            date: SystemTime::now(),
+            boundary: "b0123",
+        };
+        let rendered = Rendered {
+            subject: "Hi".into(),
+            html: None,
+            text: Some("Hello".into()),
+        };
+        let mime = compose(&e, &rendered, None).unwrap().to_lowercase();
+        assert!(mime.contains("from: acme <no-reply@acme.test>"));
+        assert!(!mime.contains("\r\nto:") && !mime.contains("\r\ncc:") && !mime.contains("bcc"));
     }
 }

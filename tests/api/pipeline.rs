@@ -15,6 +15,7 @@ use crate::on_both_stacks;
 on_both_stacks!(
     builtin_templates_in_two_languages,
     inline_with_attachment_and_headers,
+    bcc_recipients_only,
     mixed_outcome_bounce_then_suppressed,
     deferred_twice_then_delivered,
     gives_up_after_configured_age,
@@ -245,6 +246,32 @@ async fn inline_with_attachment_and_headers(stack: Stack) {
         .as_str()
         .unwrap()
         .contains("X-Entity-Ref-ID: user-42"));
+    app.stop().await;
+}
+
+/// A message with Bcc recipients only (a newsletter-style blind copy): the
+/// MIME has no To, Cc or Bcc header, and each recipient gets its copy.
+async fn bcc_recipients_only(stack: Stack) {
+    let (_env, smtp, app) = app_with_smtp(stack).await;
+    let id = app
+        .api
+        .send(json!({
+            "subject": "Maintenance tonight",
+            "text": "We will be down from 02:00 to 02:30 UTC.",
+            "from": "ops@acme.test",
+            "bcc": ["one@example.com", "two@example.com"]
+        }))
+        .await;
+    let m = app.api.wait_status(&id, "delivered").await;
+    assert_eq!(field_strs(&m["recipients"], "type"), ["bcc", "bcc"], "{m}");
+    for rcpt in ["one@example.com", "two@example.com"] {
+        let got = smtp.wait_for(rcpt).await;
+        assert_eq!(got["rcpt_to"], json!([rcpt]));
+        assert_eq!(got["bcc_header"], false);
+        assert!(got["headers"].get("To").is_none(), "{got}");
+        assert!(got["headers"].get("Cc").is_none(), "{got}");
+        assert_eq!(got["headers"]["Subject"], "Maintenance tonight");
+    }
     app.stop().await;
 }
 
