@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sqlx::{AnyConnection, Row};
 
 use super::{batch, rows, SqlStore};
@@ -70,35 +70,65 @@ pub fn message_event(
     let event_type = e.status.event_type()?;
     let sequence = sequences.entry(e.message_id.to_string()).or_insert(0);
     *sequence += 1;
-    let mut data = json!({
-        "message_id": e.message_id,
-        "recipient": e.recipient,
-        "status": e.status.as_str(),
-        "smtp_code": e.attempt.and_then(|a| a.smtp_code),
-        "enhanced_code": e.attempt.and_then(|a| a.enhanced_code.clone()),
-        "smtp_response": e.attempt.map(|a| a.response.clone()),
-        "relay": e.attempt.map(|a| a.relay.clone()),
-        "attempt": e.attempt_number,
-        "sequence": *sequence,
-        "tags": e.tags,
-        "metadata": e.metadata,
-    });
-    if let Some(reason) = e.reason {
-        data["reason"] = json!(reason);
-    }
-    if let Some(newer) = e.superseded_by {
-        data["superseded_by"] = json!(newer);
-    }
+    let data = MessageEventData {
+        attempt: e.attempt_number,
+        enhanced_code: e.attempt.and_then(|a| a.enhanced_code.as_deref()),
+        message_id: e.message_id,
+        metadata: e.metadata,
+        reason: e.reason,
+        recipient: e.recipient,
+        relay: e.attempt.map(|a| a.relay.as_str()),
+        sequence: *sequence,
+        smtp_code: e.attempt.and_then(|a| a.smtp_code),
+        smtp_response: e.attempt.map(|a| a.response.as_str()),
+        status: e.status.as_str(),
+        superseded_by: e.superseded_by,
+        tags: e.tags,
+    };
     let event = NewEvent {
         event_type,
         message_id: Some(e.message_id),
         key_id: Some(e.key_id),
         recipient: Some(e.recipient),
         message_seq: *sequence,
-        data,
+        data: serde_json::to_string(&data).unwrap_or_else(|_| "null".into()),
         only_webhook: None,
     };
     Some(event.pending(subscriptions, now))
+}
+
+/// A message event's `data`, serialized straight from borrowed fields (no
+/// intermediate `Value` tree, no copies of tags and metadata). Fields are
+/// in alphabetical order: the order `json!`'s sorted map gave them, so the
+/// payload bytes are unchanged.
+#[derive(serde::Serialize)]
+struct MessageEventData<'a> {
+    attempt: i64,
+    enhanced_code: Option<&'a str>,
+    message_id: &'a str,
+    metadata: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    recipient: &'a str,
+    relay: Option<&'a str>,
+    sequence: i64,
+    smtp_code: Option<u16>,
+    smtp_response: Option<&'a str>,
+    status: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    superseded_by: Option<&'a str>,
+    tags: &'a Value,
+}
+
+/// The stored payload: `{"data":…,"timestamp":…,"type":…}` around `data`,
+/// already serialized.
+fn payload(event_type: &str, timestamp: &str, data: &str) -> String {
+    let quote = |text: &str| serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into());
+    format!(
+        "{{\"data\":{data},\"timestamp\":{},\"type\":{}}}",
+        quote(timestamp),
+        quote(event_type)
+    )
 }
 
 pub struct NewEvent<'a> {
@@ -107,7 +137,8 @@ pub struct NewEvent<'a> {
     pub key_id: Option<&'a str>,
     pub recipient: Option<&'a str>,
     pub message_seq: i64,
-    pub data: Value,
+    /// The event's `data`, serialized JSON.
+    pub data: String,
     /// Deliver to this endpoint only (test events); otherwise to subscribers.
     pub only_webhook: Option<&'a str>,
 }
@@ -130,9 +161,7 @@ impl NewEvent<'_> {
             key_id: self.key_id.map(str::to_string),
             recipient: self.recipient.map(str::to_string),
             message_seq: self.message_seq,
-            payload:
-                json!({"type": self.event_type, "timestamp": format_ms(now), "data": self.data})
-                    .to_string(),
+            payload: payload(self.event_type, &format_ms(now), &self.data),
             created_at: now,
             targets,
         }
@@ -231,5 +260,98 @@ impl EventStore for SqlStore {
         .fetch_all(&self.pool)
         .await?;
         found.iter().map(rows::event).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The payload as `json!` built it before (sorted keys, `reason` and
+    /// `superseded_by` only when set).
+    fn with_json_macro(e: &MessageEvent<'_>, sequence: i64, now: Millis) -> String {
+        let mut data = json!({
+            "message_id": e.message_id,
+            "recipient": e.recipient,
+            "status": e.status.as_str(),
+            "smtp_code": e.attempt.and_then(|a| a.smtp_code),
+            "enhanced_code": e.attempt.and_then(|a| a.enhanced_code.clone()),
+            "smtp_response": e.attempt.map(|a| a.response.clone()),
+            "relay": e.attempt.map(|a| a.relay.clone()),
+            "attempt": e.attempt_number,
+            "sequence": sequence,
+            "tags": e.tags,
+            "metadata": e.metadata,
+        });
+        if let Some(reason) = e.reason {
+            data["reason"] = json!(reason);
+        }
+        if let Some(newer) = e.superseded_by {
+            data["superseded_by"] = json!(newer);
+        }
+        let event_type = e.status.event_type().unwrap_or_default();
+        json!({"type": event_type, "timestamp": format_ms(now), "data": data}).to_string()
+    }
+
+    #[test]
+    fn payloads_are_byte_for_byte_what_json_gave() {
+        let attempt = Attempt {
+            relay: "primary".into(),
+            outcome: crate::domain::Outcome::Transient,
+            smtp_code: Some(451),
+            enhanced_code: Some("4.7.1".into()),
+            response: "try \"later\" \u{2014} greylisted\n".into(),
+            duration_ms: 12,
+        };
+        let tags = json!(["otp", "sign-up"]);
+        let metadata =
+            json!({"user_id": "42", "nested": {"z": 1, "a": [true, null]}, "名前": "李雷"});
+        let none = json!({});
+        let cases = [
+            (
+                Status::Delivered,
+                Some(&attempt),
+                None,
+                None,
+                &tags,
+                &metadata,
+            ),
+            (Status::Deferred, Some(&attempt), None, None, &tags, &none),
+            (
+                Status::Canceled,
+                None,
+                Some("superseded"),
+                Some("0190-newer"),
+                &none,
+                &metadata,
+            ),
+            (
+                Status::Bounced,
+                Some(&attempt),
+                Some("hard bounce"),
+                None,
+                &tags,
+                &none,
+            ),
+        ];
+        for (status, attempt, reason, superseded_by, tags, metadata) in cases {
+            let e = MessageEvent {
+                message_id: "0190abcd-0000-7000-8000-000000000001",
+                key_id: "key_1",
+                recipient: "ada@example.com",
+                status,
+                attempt,
+                attempt_number: 2,
+                tags,
+                metadata,
+                reason,
+                superseded_by,
+            };
+            let expected = with_json_macro(&e, 3, 1_700_000_000_123);
+            let mut sequences = HashMap::from([(e.message_id.to_string(), 2)]);
+            let event = message_event(e, &mut sequences, &[], 1_700_000_000_123).unwrap();
+            assert_eq!(event.payload, expected, "{status:?}");
+        }
     }
 }

@@ -175,7 +175,9 @@ impl WebhookStore for SqlStore {
             key_id: None,
             recipient: None,
             message_seq: 0,
-            data: json!({"webhook_id": webhook_id, "message": "This is a test event from Mailroom."}),
+            data:
+                json!({"webhook_id": webhook_id, "message": "This is a test event from Mailroom."})
+                    .to_string(),
             only_webhook: Some(webhook_id),
         };
         let id = insert_event(&mut tx, event, now).await?;
