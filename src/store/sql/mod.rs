@@ -44,6 +44,10 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("../../../migrations/postgres/0005_mime_patch.sql"),
     ),
+    (
+        6,
+        include_str!("../../../migrations/postgres/0006_fillfactor_50.sql"),
+    ),
 ];
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../../migrations/sqlite/0001_init.sql")),
