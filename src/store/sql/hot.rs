@@ -6,10 +6,13 @@
 //! group commit, per claim and per outcome transaction, ~6% of the accept
 //! path's CPU on its own. A connection used again within
 //! [`FRESH_FOR`] skips the test, as HikariCP's "alive bypass window" does;
-//! one idle for longer is pinged before use, so a restarted Postgres still
-//! costs no request an error. A connection whose use fails is never kept:
-//! dropped, it goes back to the pool, whose own test closes it if broken
-//! (and rolls back what a failed transaction left open).
+//! one idle for longer is pinged before use, so after an outage of more
+//! than a second no request fails on a connection that died with the
+//! server. A connection whose use fails is never kept: dropped, it goes
+//! back to the pool, whose own test closes it if broken (and rolls back
+//! what a failed transaction left open). Kept connections are not subject
+//! to the pool's idle timeout; at most [`HotConnections::new`]'s `max` stay
+//! open while idle.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
