@@ -56,18 +56,20 @@ fn body(rendered: &Rendered, boundary: &str) -> Result<MultiPart, SinglePart> {
 /// the envelope from the stored recipients.
 fn envelope(
     from: &lettre::message::Mailbox,
-    e: &Envelope<'_>,
+    to: &[lettre::message::Mailbox],
+    cc: &[lettre::message::Mailbox],
 ) -> Result<lettre::address::Envelope, ComposeError> {
-    let mut to = Vec::with_capacity(e.to.len() + e.cc.len());
-    for m in e.to.iter().chain(e.cc) {
-        to.push(m.to_lettre().map_err(err)?.email);
-    }
-    if to.is_empty() {
+    let mut rcpt: Vec<lettre::Address> = to.iter().chain(cc).map(|m| m.email.clone()).collect();
+    if rcpt.is_empty() {
         // Bcc only: lettre's envelope needs a recipient; the From address
         // stands in (as above, it is never used to send).
-        to.push(from.email.clone());
+        rcpt.push(from.email.clone());
     }
-    lettre::address::Envelope::new(Some(from.email.clone()), to).map_err(err)
+    lettre::address::Envelope::new(Some(from.email.clone()), rcpt).map_err(err)
+}
+
+fn lettre_list(list: &[Mailbox]) -> Result<Vec<lettre::message::Mailbox>, ComposeError> {
+    list.iter().map(|m| m.to_lettre().map_err(err)).collect()
 }
 
 /// The message as bytes (ASCII: every part is transfer-encoded).
@@ -78,17 +80,18 @@ pub fn compose(
     dkim: Option<&DkimSigner>,
 ) -> Result<String, ComposeError> {
     let from = e.from.to_lettre().map_err(err)?;
+    let (to, cc) = (lettre_list(e.to)?, lettre_list(e.cc)?);
     let mut builder = Message::builder()
-        .envelope(envelope(&from, e)?)
+        .envelope(envelope(&from, &to, &cc)?)
         .from(from)
         .subject(rendered.subject.clone())
         .message_id(Some(e.message_id.to_string()))
         .date(e.date);
-    for m in e.to {
-        builder = builder.to(m.to_lettre().map_err(err)?);
+    for m in to {
+        builder = builder.to(m);
     }
-    for m in e.cc {
-        builder = builder.cc(m.to_lettre().map_err(err)?);
+    for m in cc {
+        builder = builder.cc(m);
     }
     for m in e.reply_to {
         builder = builder.reply_to(m.to_lettre().map_err(err)?);
