@@ -162,12 +162,14 @@ fn pem_body(text: &str) -> Result<Vec<u8>, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
+    //! A fixed key for tests that sign.
     use super::*;
 
-    const ED25519_PEM: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEINTuctv5E1hK1bbY8fdp+K06/nwoy/HU++CXqI9EdVhC\n-----END PRIVATE KEY-----\n";
+    pub const ED25519_PEM: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEINTuctv5E1hK1bbY8fdp+K06/nwoy/HU++CXqI9EdVhC\n-----END PRIVATE KEY-----\n";
 
-    fn signer(dir: &std::path::Path, domain: &str, pem: &str) -> DkimSigner {
+    /// A signer for `domain` (selector `s1`), its key written to `dir`.
+    pub fn signer(dir: &std::path::Path, domain: &str, pem: &str) -> DkimSigner {
         let path = dir.join(format!("{domain}.pem"));
         std::fs::write(&path, pem).unwrap();
         DkimSigner::load(&[DkimKeyConfig {
@@ -177,6 +179,12 @@ mod tests {
         }])
         .unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{signer, ED25519_PEM};
+    use super::*;
 
     fn message() -> Message {
         Message::builder()

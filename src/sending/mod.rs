@@ -19,7 +19,7 @@ pub use commit::{CommitError, Committer};
 pub use dkim::{DkimError, DkimSigner};
 pub use request::{Content, SendRequest};
 
-use crate::domain::{mime_patch, new_id, now_ms, Mailbox, Millis, Priority, Status};
+use crate::domain::{new_id, now_ms, Mailbox, Millis, Priority, Status};
 use crate::error::{ApiError, FieldError};
 use crate::keys::ApiKey;
 use crate::limiter::{Limiter, QuotaDecision, QuotaRequest, Reservation};
@@ -224,16 +224,19 @@ impl Sender {
             boundary: &format!("mr{}", uuid::Uuid::new_v4().simple()),
         };
         let compose_err = |e: compose::ComposeError| ApiError::validation("", e.to_string());
-        let mime = compose::compose(&envelope, &rendered, Some(&self.settings.dkim))
-            .map_err(compose_err)?;
+        let dkim = Some(&self.settings.dkim);
         // The redacted copy is only ever shown, never sent: not signed.
-        let (mime_redacted, mime_patch) = match &redacted {
+        let (mime, mime_redacted, mime_patch) = match &redacted {
             Some(r) => {
-                let shown = compose::compose(&envelope, r, None).map_err(compose_err)?;
-                let patch = mime_patch::diff(&shown, &mime);
-                (Some(shown), Some(patch))
+                let c = compose::compose_with_redacted(&envelope, &rendered, r, dkim)
+                    .map_err(compose_err)?;
+                (c.sent, Some(c.shown), Some(c.patch))
             }
-            None => (None, None),
+            None => (
+                compose::compose(&envelope, &rendered, dkim).map_err(compose_err)?,
+                None,
+                None,
+            ),
         };
         let status = if req.send_at.is_some() {
             Status::Scheduled
