@@ -37,6 +37,25 @@ cargo build --release --bins --quiet
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 300); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+# CPU seconds of a process and its children (reaped or alive), from /proc.
+tree_cpu() {
+  python3 - "$1" <<'PY'
+import os, sys
+pid = sys.argv[1]
+def fields(p):
+    try:
+        return open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+own = fields(pid)
+total = sum(int(v) for v in own[11:15])
+for p in filter(str.isdigit, os.listdir("/proc")):
+    f = fields(p)
+    if f and f[1] == pid:
+        total += int(f[11]) + int(f[12])
+print(total / os.sysconf("SC_CLK_TCK"))
+PY
+}
 
 WORK=$(mktemp -d /tmp/mailroom-bench.XXXXXX); chmod 755 "$WORK"
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
@@ -64,7 +83,19 @@ wait_port $REDISPORT; wait_port $SINKPORT
 echo "== baseline: pgbench single-row INSERT, 32 clients, ${BASE_DUR}s" >&2
 $PSQL baseline -c "CREATE TABLE t (id BIGSERIAL PRIMARY KEY, body TEXT NOT NULL)"
 echo "INSERT INTO t (body) VALUES ('hello');" > "$WORK/insert.sql"
-PG_TPS=$(pgbench -n -c 32 -j 2 -T "$BASE_DUR" -f "$WORK/insert.sql" -h 127.0.0.1 -p "$PGPORT" -U postgres baseline 2>/dev/null | awk '/^tps/ {print $3; exit}')
+# With the CPU each side spent per insert (Postgres: the postmaster's tree;
+# the client: pgbench, from its rusage), to set beside Mailroom's.
+PG_CPU0=$(tree_cpu "$(head -1 "$WORK/pg/postmaster.pid")")
+python3 - "$WORK/pgbench.out" pgbench -n -c 32 -j 2 -T "$BASE_DUR" -f "$WORK/insert.sql" -h 127.0.0.1 -p "$PGPORT" -U postgres baseline <<'PY'
+import resource, subprocess, sys
+out = subprocess.run(sys.argv[2:], capture_output=True, text=True).stdout
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write(out + f"client_cpu {r.ru_utime + r.ru_stime}\n")
+PY
+PG_CPU1=$(tree_cpu "$(head -1 "$WORK/pg/postmaster.pid")")
+PG_TPS=$(awk '/^tps/ {print $3; exit}' "$WORK/pgbench.out")
+PG_TX=$(awk '/actually processed/ {print $NF; exit}' "$WORK/pgbench.out")
+PGBENCH_US=$(python3 -c "print(f'{($PG_CPU1-$PG_CPU0)/$PG_TX*1e6:.0f} {$(awk '/^client_cpu/ {print $2}' "$WORK/pgbench.out")/$PG_TX*1e6:.0f}')")
 
 # pgbench's rows are not Mailroom's to vacuum and write back: drop them and
 # flush before Mailroom is measured.
@@ -86,7 +117,7 @@ run_mailroom() { # $1 = label, rest = env assignments
   wait_port $HTTPPORT
   local key; key=$(cat "$data/admin-key")
   # Postgres's CPU per message too, when it is the store.
-  local store=(); [ "$label" = postgres ] && store=(--store-pid "$(head -1 "$WORK/pg/postmaster.pid")")
+  local store=(); [ "$label" = postgres ] && store=(--store-pid "$(head -1 "$WORK/pg/postmaster.pid")" --queue-pid "$REDIS_PID")
   # The steady rate first, then saturation: right after a saturating burst
   # the store is busy with its aftermath (autovacuum of the burst's rows,
   # writeback) for about a minute, which is not the steady rate's tail
@@ -96,25 +127,6 @@ run_mailroom() { # $1 = label, rest = env assignments
   kill $pid; wait $pid 2>/dev/null || true
 }
 
-# CPU seconds of a process and its children (reaped or alive), from /proc.
-tree_cpu() {
-  python3 - "$1" <<'PY'
-import os, sys
-pid = sys.argv[1]
-def fields(p):
-    try:
-        return open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-own = fields(pid)
-total = sum(int(v) for v in own[11:15])
-for p in filter(str.isdigit, os.listdir("/proc")):
-    f = fields(p)
-    if f and f[1] == pid:
-        total += int(f[11]) + int(f[12])
-print(total / os.sysconf("SC_CLK_TCK"))
-PY
-}
 
 # Each path alone on Postgres + Redis: `mailroom api` takes the closed loop
 # with nothing delivering, then `mailroom worker` drains what it accepted
@@ -129,7 +141,7 @@ run_paths() {
   env "${env[@]}" MAILROOM_LISTEN=127.0.0.1:$HTTPPORT ./target/release/mailroom api > "$WORK/paths-api.log" 2>&1 &
   local pid=$!; PIDS+=($pid)
   wait_port $HTTPPORT
-  ./target/release/mailroom-bench --base http://127.0.0.1:$HTTPPORT --key "$(cat "$data/admin-key")" --pid $pid --store-pid "$postmaster" \
+  ./target/release/mailroom-bench --base http://127.0.0.1:$HTTPPORT --key "$(cat "$data/admin-key")" --pid $pid --store-pid "$postmaster" --queue-pid "$REDIS_PID" \
     --mode closed --concurrency "$CLIENTS" --duration "$DUR" --no-drain > "$WORK/paths-accept.json"
   kill $pid; wait $pid 2>/dev/null || true
   local waiting="SELECT count(*) FROM messages WHERE next_attempt_at IS NOT NULL"
@@ -176,9 +188,10 @@ kill "$REDIS_PID"; sync
 echo "== Mailroom embedded (SQLite + in-process queue)" >&2
 run_mailroom embedded
 
-python3 - "$WORK" "$PG_TPS" "$SMTP_RATE" "$CLIENTS" "$RATE" <<'PY'
+python3 - "$WORK" "$PG_TPS" "$SMTP_RATE" "$CLIENTS" "$RATE" "$PGBENCH_US" <<'PY'
 import json, os, platform, subprocess, sys, datetime
 work, pg_tps, smtp_rate, clients, rate = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+pgbench_pg_us, pgbench_client_us = map(float, sys.argv[6].split())
 us = lambda v: "–" if v is None else f"{v:.0f}"
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 print(f"\nMailroom benchmark — {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, commit {commit}, {os.cpu_count()} cores, {platform.platform()}")
@@ -191,6 +204,17 @@ def paths():
     d = json.load(open(f"{work}/paths-deliver.json"))
     left = f" ({d['left']} left)" if d["left"] else ""
     print(f"| postgres | delivery alone (`mailroom worker` drains {d['delivered']:,}{left}) | – | – | – | {d['delivered_per_s']:,.0f} | {d['delivered_per_s']/smtp_rate:.2f}× | – | – | – | – | {us(d['server_cpu_us_per_message'])} / {us(d['store_cpu_us_per_message'])} |")
+def budget():
+    a = json.load(open(f"{work}/paths-accept.json"))
+    parts = [("load generator", a.get("load_generator_cpu_us_per_message")), ("Mailroom", a.get("server_cpu_us_per_message")),
+             ("Postgres", a.get("store_cpu_us_per_message")), ("Redis", a.get("queue_cpu_us_per_message"))]
+    total = sum(v or 0 for _, v in parts)
+    cores = os.cpu_count()
+    print(f"\nCPU per message, all processes on the same {cores} cores (µs):")
+    print(f"- pgbench single-row INSERT: Postgres {pgbench_pg_us:.0f} + pgbench {pgbench_client_us:.0f} = {pgbench_pg_us + pgbench_client_us:.0f}")
+    print(f"- Mailroom accept alone: " + " + ".join(f"{n} {us(v)}" for n, v in parts) + f" = {total:.0f}")
+    print(f"- 0.6× of pgbench ({0.6 * pg_tps:,.0f}/s) leaves {cores * 1e6 / (0.6 * pg_tps):.0f} µs per message for all of them; "
+          f"at {total:.0f} µs the {cores} cores would be busy at {cores * 1e6 / total:,.0f}/s ({cores * 1e6 / total / pg_tps:.2f}×)")
 for stack in ("postgres", "embedded"):
     for mode in ("closed", "open"):
         r = json.load(open(f"{work}/{stack}-{mode}.json"))
@@ -200,4 +224,5 @@ for stack in ("postgres", "embedded"):
         print(f"| {stack} | {load} | {r['accepted_per_s']:,.0f} | {r['accepted_per_s']/pg_tps:.2f}× | {a['p50']:.1f} / {a['p95']:.1f} / {a['p99']:.1f} / {a['max']:.0f} | {r['delivered_per_s']:,.0f} | {r['delivered_per_s']/smtp_rate:.2f}× | {t['p50']:.0f} / {t['p99']:.0f} | {errors or 'none'} | {r['server_peak_rss_mb'] or 0:.0f} | {r['server_cpu_percent'] or 0:.0f} | {us(r.get('server_cpu_us_per_message'))} / {us(r.get('store_cpu_us_per_message'))} |")
     if stack == "postgres":
         paths()
+budget()
 PY

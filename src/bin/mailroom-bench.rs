@@ -44,6 +44,9 @@ struct Args {
     /// it and its children spend per message
     #[arg(long)]
     store_pid: Option<u32>,
+    /// The queue's server process id (Redis), for its CPU per message
+    #[arg(long)]
+    queue_pid: Option<u32>,
     /// Messages sampled for 202→250 latency
     #[arg(long, default_value_t = 500)]
     sample: usize,
@@ -200,6 +203,8 @@ async fn main() {
     let delivered_before = delivered_count(&client, &args.base).await;
     let cpu_before = args.pid.and_then(proc_stats).map_or(0.0, |s| s.1);
     let store_cpu_before = args.store_pid.and_then(tree_cpu);
+    let queue_cpu_before = args.queue_pid.and_then(tree_cpu);
+    let own_cpu_before = proc_stats(std::process::id()).map_or(0.0, |s| s.1);
     let duration: Duration = args.duration.into();
     let started = Instant::now();
     let deadline = started + duration;
@@ -240,6 +245,9 @@ async fn main() {
     }
     while tasks.join_next().await.is_some() {}
     let send_seconds = started.elapsed().as_secs_f64();
+    // This generator's own CPU while sending: it shares the machine, as
+    // pgbench's client does in the baseline.
+    let own_cpu = proc_stats(std::process::id()).map(|s| s.1 - own_cpu_before);
     let (accepted_ids, mut latencies, statuses) = {
         let r = results.lock().await;
         (r.ids.clone(), r.latencies.clone(), r.statuses.clone())
@@ -268,6 +276,11 @@ async fn main() {
         .store_pid
         .and_then(tree_cpu)
         .zip(store_cpu_before)
+        .map(|(after, before)| after - before);
+    let queue_cpu = args
+        .queue_pid
+        .and_then(tree_cpu)
+        .zip(queue_cpu_before)
         .map(|(after, before)| after - before);
     let per_message_us = |cpu: f64| cpu / accepted.max(1) as f64 * 1e6;
     // 202 → 250 for a sample of messages, from their records.
@@ -323,6 +336,8 @@ async fn main() {
         // delivery: a figure that drifts less than rates on a shared machine.
         "server_cpu_us_per_message": stats.map(|s| per_message_us(s.1 - cpu_before)),
         "store_cpu_us_per_message": store_cpu.map(per_message_us),
+        "queue_cpu_us_per_message": queue_cpu.map(per_message_us),
+        "load_generator_cpu_us_per_message": own_cpu.map(per_message_us),
     });
     println!("{report}");
 }
