@@ -288,20 +288,34 @@ fn build(
 mod tests {
     use super::*;
 
+    /// An envelope with the given parties, nothing else set, and a fixed
+    /// Message-ID and boundary stem.
+    fn envelope<'a>(
+        from: &'a Mailbox,
+        to: &'a [Mailbox],
+        attachments: &'a [Attachment],
+    ) -> Envelope<'a> {
+        Envelope {
+            from,
+            to,
+            cc: &[],
+            reply_to: &[],
+            headers: &[],
+            attachments,
+            message_id: "<abc@acme.test>",
+            date: SystemTime::now(),
+            boundary: "b0123",
+        }
+    }
+
     #[test]
     fn unicode_headers_are_encoded_and_bcc_absent() {
         let from = Mailbox::parse("Acme <no-reply@acme.test>").unwrap();
         let to = vec![Mailbox::parse("李雷 <lilei@例子.中国>").unwrap()];
+        let headers = [("X-Entity-Ref-ID".into(), "user-42".into())];
         let e = Envelope {
-            from: &from,
-            to: &to,
-            cc: &[],
-            reply_to: &[],
-            headers: &[("X-Entity-Ref-ID".into(), "user-42".into())],
-            attachments: &[],
-            message_id: "<abc@acme.test>",
-            date: SystemTime::now(),
-            boundary: "b0123",
+            headers: &headers,
+            ..envelope(&from, &to, &[])
         };
         let rendered = Rendered {
             subject: "验证码".into(),
@@ -379,15 +393,8 @@ mod tests {
             content: b"Your code is 493817\n".to_vec(),
         }];
         let envelope = |attachments| Envelope {
-            from: &from,
-            to: &to,
-            cc: &[],
-            reply_to: &[],
-            headers: &[],
-            attachments,
-            message_id: "<abc@acme.test>",
             date: SystemTime::UNIX_EPOCH,
-            boundary: "b0123",
+            ..envelope(&from, &to, attachments)
         };
         let long = format!("{}493817{}", "x".repeat(70), "y".repeat(200));
         let masked = format!("{}******{}", "x".repeat(70), "y".repeat(200));
@@ -456,17 +463,7 @@ mod tests {
         let engine = crate::templates::TemplateEngine::new();
         let from = Mailbox::parse("Acme <no-reply@acme.test>").unwrap();
         let to = vec![Mailbox::parse("Bench User <user1@example.com>").unwrap()];
-        let e = Envelope {
-            from: &from,
-            to: &to,
-            cc: &[],
-            reply_to: &[],
-            headers: &[],
-            attachments: &[],
-            message_id: "<abc@acme.test>",
-            date: SystemTime::now(),
-            boundary: "b0123",
-        };
+        let e = envelope(&from, &to, &[]);
         for t in crate::templates::builtins() {
             let data = serde_json::json!({ t.secret[0].clone(): "004217", "name": "Bench User", "product": "Acme" });
             let sent = engine.render(&t, &data).unwrap();
@@ -484,17 +481,7 @@ mod tests {
     #[test]
     fn a_message_for_bcc_recipients_only_has_no_to_or_cc_header() {
         let from = Mailbox::parse("Acme <no-reply@acme.test>").unwrap();
-        let e = Envelope {
-            from: &from,
-            to: &[],
-            cc: &[],
-            reply_to: &[],
-            headers: &[],
-            attachments: &[],
-            message_id: "<abc@acme.test>",
-            date: SystemTime::now(),
-            boundary: "b0123",
-        };
+        let e = envelope(&from, &[], &[]);
         let rendered = Rendered {
             subject: "Hi".into(),
             html: None,
