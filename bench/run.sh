@@ -77,7 +77,7 @@ PSQL="psql -h 127.0.0.1 -p $PGPORT -U postgres -q"
 $PSQL -c "CREATE DATABASE baseline" -c "CREATE DATABASE mailroom"
 redis-server --port "$REDISPORT" --bind 127.0.0.1 --save "" --appendonly no >/dev/null & REDIS_PID=$!; PIDS+=($REDIS_PID)
 SINK_USER=(); [ "$(id -u)" = 0 ] && SINK_USER=(-u postfix)
-smtp-sink "${SINK_USER[@]}" 127.0.0.1:$SINKPORT 1024 & PIDS+=($!)
+smtp-sink "${SINK_USER[@]}" 127.0.0.1:$SINKPORT 1024 & SINK_PID=$!; PIDS+=($SINK_PID)
 wait_port $REDISPORT; wait_port $SINKPORT
 
 echo "== baseline: pgbench single-row INSERT, 32 clients, ${BASE_DUR}s" >&2
@@ -102,10 +102,19 @@ PGBENCH_US=$(python3 -c "print(f'{($PG_CPU1-$PG_CPU0)/$PG_TX*1e6:.0f} {$(awk '/^
 $PSQL -c "DROP DATABASE baseline" -c "CHECKPOINT"; sync
 
 echo "== baseline: smtp-source -> smtp-sink, 32 sessions, $SMTP_N messages" >&2
+SINK_CPU0=$(tree_cpu "$SINK_PID")
 T0=$(date +%s.%N)
-smtp-source -s 32 -m "$SMTP_N" -l 4000 -f bench@acme.test -t sink@example.com 127.0.0.1:$SINKPORT
+SOURCE_CPU=$(python3 - smtp-source -s 32 -m "$SMTP_N" -l 4000 -f bench@acme.test -t sink@example.com 127.0.0.1:$SINKPORT <<'PY'
+import resource, subprocess, sys
+subprocess.run(sys.argv[1:], check=True)
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(r.ru_utime + r.ru_stime)
+PY
+)
 T1=$(date +%s.%N)
+SINK_CPU1=$(tree_cpu "$SINK_PID")
 SMTP_RATE=$(python3 -c "print($SMTP_N/($T1-$T0))")
+SMTP_US=$(python3 -c "print(f'{($SINK_CPU1-$SINK_CPU0)/$SMTP_N*1e6:.0f} {$SOURCE_CPU/$SMTP_N*1e6:.0f}')")
 
 run_mailroom() { # $1 = label, rest = env assignments
   local label=$1; shift
@@ -147,6 +156,7 @@ run_paths() {
   local waiting="SELECT count(*) FROM messages WHERE next_attempt_at IS NOT NULL"
   local total; total=$($PSQL -At paths -c "$waiting")
   local pg0; pg0=$(tree_cpu "$postmaster")
+  local others0; others0="$(tree_cpu "$REDIS_PID") $(tree_cpu "$SINK_PID")"
   local t0; t0=$(date +%s.%N)
   env "${env[@]}" ./target/release/mailroom worker > "$WORK/paths-worker.log" 2>&1 &
   pid=$!; PIDS+=($pid)
@@ -161,16 +171,20 @@ run_paths() {
   local t1; t1=$(date +%s.%N)
   local worker_cpu; worker_cpu=$(tree_cpu $pid)
   local pg1; pg1=$(tree_cpu "$postmaster")
+  local others1; others1="$(tree_cpu "$REDIS_PID") $(tree_cpu "$SINK_PID")"
   local left; left=$($PSQL -At paths -c "$waiting")
   kill $pid; wait $pid 2>/dev/null || true
-  python3 - "$total" "$left" "$t0" "$t1" "$worker_cpu" "$pg0" "$pg1" > "$WORK/paths-deliver.json" <<'PY'
+  python3 - "$total" "$left" "$t0" "$t1" "$worker_cpu" "$pg0" "$pg1" "$others0" "$others1" > "$WORK/paths-deliver.json" <<'PY'
 import json, sys
-total, left, t0, t1, worker, pg0, pg1 = sys.argv[1:]
+total, left, t0, t1, worker, pg0, pg1, others0, others1 = sys.argv[1:]
+(redis0, sink0), (redis1, sink1) = (map(float, o.split()) for o in (others0, others1))
 done, secs = int(total) - int(left), float(t1) - float(t0)
 per = lambda cpu: cpu / max(done, 1) * 1e6
 print(json.dumps({"delivered": done, "left": int(left), "seconds": secs, "delivered_per_s": done / secs,
                   "server_cpu_us_per_message": per(float(worker)),
-                  "store_cpu_us_per_message": per(float(pg1) - float(pg0))}))
+                  "store_cpu_us_per_message": per(float(pg1) - float(pg0)),
+                  "queue_cpu_us_per_message": per(redis1 - redis0),
+                  "relay_cpu_us_per_message": per(sink1 - sink0)}))
 PY
 }
 
@@ -188,10 +202,11 @@ kill "$REDIS_PID"; sync
 echo "== Mailroom embedded (SQLite + in-process queue)" >&2
 run_mailroom embedded
 
-python3 - "$WORK" "$PG_TPS" "$SMTP_RATE" "$CLIENTS" "$RATE" "$PGBENCH_US" <<'PY'
+python3 - "$WORK" "$PG_TPS" "$SMTP_RATE" "$CLIENTS" "$RATE" "$PGBENCH_US" "$SMTP_US" <<'PY'
 import json, os, platform, subprocess, sys, datetime
 work, pg_tps, smtp_rate, clients, rate = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
 pgbench_pg_us, pgbench_client_us = map(float, sys.argv[6].split())
+sink_us, source_us = map(float, sys.argv[7].split())
 us = lambda v: "–" if v is None else f"{v:.0f}"
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 print(f"\nMailroom benchmark — {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, commit {commit}, {os.cpu_count()} cores, {platform.platform()}")
@@ -215,6 +230,14 @@ def budget():
     print(f"- Mailroom accept alone: " + " + ".join(f"{n} {us(v)}" for n, v in parts) + f" = {total:.0f}")
     print(f"- 0.6× of pgbench ({0.6 * pg_tps:,.0f}/s) leaves {cores * 1e6 / (0.6 * pg_tps):.0f} µs per message for all of them; "
           f"at {total:.0f} µs the {cores} cores would be busy at {cores * 1e6 / total:,.0f}/s ({cores * 1e6 / total / pg_tps:.2f}×)")
+    d = json.load(open(f"{work}/paths-deliver.json"))
+    parts = [("Mailroom", d["server_cpu_us_per_message"]), ("Postgres", d["store_cpu_us_per_message"]),
+             ("Redis", d["queue_cpu_us_per_message"]), ("smtp-sink", d["relay_cpu_us_per_message"])]
+    total = sum(v for _, v in parts)
+    print(f"- smtp-source -> smtp-sink: smtp-sink {sink_us:.0f} + smtp-source {source_us:.0f} = {sink_us + source_us:.0f}")
+    print(f"- Mailroom delivery alone: " + " + ".join(f"{n} {us(v)}" for n, v in parts) + f" = {total:.0f}")
+    print(f"- 0.35× of the sink ({0.35 * smtp_rate:,.0f}/s) leaves {cores * 1e6 / (0.35 * smtp_rate):.0f} µs per message; "
+          f"at {total:.0f} µs the {cores} cores would be busy at {cores * 1e6 / total:,.0f}/s ({cores * 1e6 / total / smtp_rate:.2f}×)")
 for stack in ("postgres", "embedded"):
     for mode in ("closed", "open"):
         r = json.load(open(f"{work}/{stack}-{mode}.json"))
