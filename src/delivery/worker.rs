@@ -38,6 +38,16 @@ fn gather_target(concurrency: usize) -> usize {
     (concurrency / 8).clamp(1, 16)
 }
 
+/// Where a delivery's outcome goes once the relay has answered.
+#[derive(Clone)]
+struct Outcomes {
+    recorder: Recorder,
+    acks: Acks,
+    /// Deliveries whose outcome is being recorded after they gave their
+    /// slot back: at most as many as there are slots.
+    recording: Arc<Semaphore>,
+}
+
 pub struct Worker {
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn Queue>,
@@ -53,8 +63,12 @@ pub struct Worker {
 
 impl Worker {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let recorder = Recorder::start(self.store.clone(), 2);
         let (acks, acking) = Acks::start(self.queue.clone());
+        let outcomes = Outcomes {
+            recorder: Recorder::start(self.store.clone(), 2),
+            acks,
+            recording: Arc::new(Semaphore::new(self.concurrency)),
+        };
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let tasks = TaskTracker::new();
         loop {
@@ -91,13 +105,10 @@ impl Worker {
             }
             // The claim runs beside the loop, which goes on receiving.
             let worker = self.clone();
-            let recorder = recorder.clone();
-            let acks = acks.clone();
+            let outcomes = outcomes.clone();
             let spawner = tasks.clone();
             tasks.spawn(async move {
-                worker
-                    .dispatch(jobs, held, &recorder, &acks, &spawner)
-                    .await;
+                worker.dispatch(jobs, held, &outcomes, &spawner).await;
             });
         }
         tasks.close();
@@ -106,7 +117,7 @@ impl Worker {
             "worker stopping; finishing deliveries in flight"
         );
         tasks.wait().await;
-        drop(acks);
+        drop(outcomes);
         let _ = acking.await;
     }
 
@@ -159,28 +170,25 @@ impl Worker {
         self: Arc<Self>,
         jobs: Vec<Job>,
         mut held: OwnedSemaphorePermit,
-        recorder: &Recorder,
-        acks: &Acks,
+        outcomes: &Outcomes,
         tasks: &TaskTracker,
     ) {
-        let Some(claims) = self.claim(&jobs, acks).await else {
+        let Some(claims) = self.claim(&jobs, &outcomes.acks).await else {
             return;
         };
         let suppressed = Arc::new(self.suppressed(&claims).await);
         for (job, claim) in claims {
             let Some(permit) = held.split(1) else { break };
             let worker = self.clone();
-            let recorder = recorder.clone();
-            let acks = acks.clone();
+            let outcomes = outcomes.clone();
             let suppressed = suppressed.clone();
             let span =
                 tracing::info_span!("delivery", message_id = %job.id, lane = job.lane.as_str());
             tasks.spawn(
                 async move {
                     worker
-                        .process(job, claim, &suppressed, &recorder, &acks)
+                        .process(job, claim, &suppressed, &outcomes, permit)
                         .await;
-                    drop(permit);
                 }
                 .instrument(span),
             );
@@ -238,11 +246,20 @@ impl Worker {
         job: Job,
         claim: Claim,
         suppressed: &HashSet<String>,
-        recorder: &Recorder,
-        acks: &Acks,
+        outcomes: &Outcomes,
+        slot: OwnedSemaphorePermit,
     ) {
         let report = self.deliver(&claim, suppressed).await;
-        match recorder.record(report).await {
+        // The slot goes back once the relay has answered, so the next
+        // delivery overlaps this one's outcome transaction (a group commit
+        // that lingers for company); the lease, the task tracker and the
+        // unacknowledged job still cover the message until it is recorded.
+        let recording = outcomes.recording.clone().acquire_owned().await;
+        drop(slot);
+        let (recorder, acks) = (&outcomes.recorder, &outcomes.acks);
+        let result = recorder.record(report).await;
+        drop(recording);
+        match result {
             Ok(result) => {
                 if let (false, Some(next)) = (result.status.is_final(), result.next_attempt_at) {
                     if let Err(e) = self.queue.schedule(&job.id, result.priority, next).await {
