@@ -57,6 +57,17 @@ for p in filter(str.isdigit, os.listdir("/proc")):
 print(total / os.sysconf("SC_CLK_TCK"))
 PY
 }
+# Runs a command (its output to $1) and prints the CPU seconds it used, from
+# its rusage: a baseline's client shares the cores as the load generator does.
+client_cpu() {
+  python3 - "$@" <<'PY'
+import resource, subprocess, sys
+with open(sys.argv[1], "w") as out:
+    subprocess.run(sys.argv[2:], stdout=out, check=True)
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(r.ru_utime + r.ru_stime)
+PY
+}
 
 WORK=$(mktemp -d /tmp/mailroom-bench.XXXXXX); chmod 755 "$WORK"
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
@@ -87,16 +98,11 @@ echo "INSERT INTO t (body) VALUES ('hello');" > "$WORK/insert.sql"
 # With the CPU each side spent per insert (Postgres: the postmaster's tree;
 # the client: pgbench, from its rusage), to set beside Mailroom's.
 PG_CPU0=$(tree_cpu "$(head -1 "$WORK/pg/postmaster.pid")")
-python3 - "$WORK/pgbench.out" pgbench -n -c 32 -j 2 -T "$BASE_DUR" -f "$WORK/insert.sql" -h 127.0.0.1 -p "$PGPORT" -U postgres baseline <<'PY'
-import resource, subprocess, sys
-out = subprocess.run(sys.argv[2:], capture_output=True, text=True).stdout
-r = resource.getrusage(resource.RUSAGE_CHILDREN)
-open(sys.argv[1], "w").write(out + f"client_cpu {r.ru_utime + r.ru_stime}\n")
-PY
+PGBENCH_CPU=$(client_cpu "$WORK/pgbench.out" pgbench -n -c 32 -j 2 -T "$BASE_DUR" -f "$WORK/insert.sql" -h 127.0.0.1 -p "$PGPORT" -U postgres baseline)
 PG_CPU1=$(tree_cpu "$(head -1 "$WORK/pg/postmaster.pid")")
 PG_TPS=$(awk '/^tps/ {print $3; exit}' "$WORK/pgbench.out")
 PG_TX=$(awk '/actually processed/ {print $NF; exit}' "$WORK/pgbench.out")
-PGBENCH_US=$(python3 -c "print(f'{($PG_CPU1-$PG_CPU0)/$PG_TX*1e6:.0f} {$(awk '/^client_cpu/ {print $2}' "$WORK/pgbench.out")/$PG_TX*1e6:.0f}')")
+PGBENCH_US=$(python3 -c "print(f'{($PG_CPU1-$PG_CPU0)/$PG_TX*1e6:.0f} {$PGBENCH_CPU/$PG_TX*1e6:.0f}')")
 
 # pgbench's rows are not Mailroom's to vacuum and write back: drop them and
 # flush before Mailroom is measured.
@@ -108,13 +114,7 @@ T0=$(date +%s.%N)
 # -d: each session sends its messages over one connection, as Mailroom's
 # pooled relay connections do (without it smtp-source connects, greets and
 # quits for every message, about half the rate).
-SOURCE_CPU=$(python3 - smtp-source -d -s 32 -m "$SMTP_N" -l 4000 -f bench@acme.test -t sink@example.com 127.0.0.1:$SINKPORT <<'PY'
-import resource, subprocess, sys
-subprocess.run(sys.argv[1:], check=True)
-r = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(r.ru_utime + r.ru_stime)
-PY
-)
+SOURCE_CPU=$(client_cpu /dev/null smtp-source -d -s 32 -m "$SMTP_N" -l 4000 -f bench@acme.test -t sink@example.com 127.0.0.1:$SINKPORT)
 T1=$(date +%s.%N)
 SINK_CPU1=$(tree_cpu "$SINK_PID")
 SMTP_RATE=$(python3 -c "print($SMTP_N/($T1-$T0))")

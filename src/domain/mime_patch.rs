@@ -120,7 +120,7 @@ pub fn splice(sent: &str, edits: &[Edit<'_>]) -> (String, String) {
             }
         };
         block.push_str(&sent[cursor..end]);
-        let replaced = block.split_inclusive('\n').count();
+        let replaced = line_count(&block);
         if replaced > 0 {
             patch.push_str(&format!("-{replaced}\n"));
         }
@@ -135,10 +135,15 @@ pub fn splice(sent: &str, edits: &[Edit<'_>]) -> (String, String) {
     (shown, patch)
 }
 
+/// Lines in `text`, a last one without its line break included.
+fn line_count(text: &str) -> usize {
+    let breaks = memchr::memchr_iter(b'\n', text.as_bytes()).count();
+    breaks + usize::from(!text.is_empty() && !text.ends_with('\n'))
+}
+
 /// Lines both copies share: copied to the redacted one, counted in the patch.
 fn equal(shown: &mut String, patch: &mut String, lines: &str) {
-    let breaks = memchr::memchr_iter(b'\n', lines.as_bytes()).count();
-    let count = breaks + usize::from(!lines.is_empty() && !lines.ends_with('\n'));
+    let count = line_count(lines);
     if count > 0 {
         patch.push_str(&format!("={count}\n"));
         shown.push_str(lines);
@@ -182,13 +187,12 @@ fn skip_lines(text: &str, at: usize, n: usize) -> Result<usize, PatchError> {
     let Some(last) = n.checked_sub(1) else {
         return Ok(at);
     };
-    let rest = &text.as_bytes()[at..];
-    if let Some(i) = memchr::memchr_iter(b'\n', rest).nth(last) {
+    let rest = &text[at..];
+    if let Some(i) = memchr::memchr_iter(b'\n', rest.as_bytes()).nth(last) {
         return Ok(at + i + 1);
     }
-    let breaks = memchr::memchr_iter(b'\n', rest).count();
-    let unterminated = rest.last().is_some_and(|&b| b != b'\n');
-    if breaks == last && unterminated {
+    // Fewer than `n` line breaks: enough only if the last line lacks one.
+    if line_count(rest) == n && !rest.ends_with('\n') {
         Ok(text.len())
     } else {
         Err(PatchError("too short"))
