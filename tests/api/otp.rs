@@ -166,8 +166,13 @@ async fn collapse_key_keeps_only_the_latest(stack: Stack) {
     app.api.send(code_to("slow2500-blocker@example.com")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut ids = Vec::new();
-    for code in ["111111", "222222", "333333"] {
-        let mut body = code_to("user@example.com");
+    // The same recipient however its address is cased.
+    for (code, to) in [
+        ("111111", "user@example.com"),
+        ("222222", "User@Example.COM"),
+        ("333333", "user@example.com"),
+    ] {
+        let mut body = code_to(to);
         body["data"]["code"] = json!(code);
         body["collapse_key"] = json!("signup-code");
         ids.push(app.api.send(body).await);

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::harness::{
     app_with_smtp, code_to, event_types, field_strs, Env, Smtp, Stack, TestApp, Tls,
@@ -22,6 +22,7 @@ on_both_stacks!(
     starttls_and_implicit_tls_with_auth,
     fails_over_from_dead_relay,
     concurrent_sends_keep_their_recipients,
+    listing_filters_combine,
 );
 
 /// `/metrics` shows the store's backlog (messages not yet final), read at
@@ -559,5 +560,93 @@ async fn dkim_signatures_verify_with_dkimpy() {
 
     let plain = raw(&smtp.wait_for("plain@example.com").await);
     assert!(!String::from_utf8_lossy(&plain).contains("DKIM-Signature"));
+    app.stop().await;
+}
+
+/// `GET /v1/messages`: each filter narrows the list, they combine, the
+/// recipient filter ignores case, and the cursor pages newest first.
+async fn listing_filters_combine(stack: Stack) {
+    let (_env, _smtp, app) = app_with_smtp(stack).await;
+    let send = |to: &str, tags: Value, later: bool| {
+        let mut body = code_to(to);
+        body["tags"] = tags;
+        if later {
+            body["send_at"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+        }
+        let api = app.api.clone();
+        async move {
+            let id = api.send(body).await;
+            // Distinct creation times, for the since/until bounds below.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            id
+        }
+    };
+    let a = send("Ann@Example.com", json!(["auth"]), false).await;
+    let b = send("bob@example.com", json!(["auth", "x"]), false).await;
+    let c = send("ann@example.com", json!(["billing"]), false).await;
+    let d = send("ann@example.com", json!(["auth"]), true).await;
+    let ids = |query: &str| {
+        let api = app.api.clone();
+        let path = format!("/v1/messages?{query}");
+        async move {
+            let r = api.get(&path).await;
+            assert_eq!(r.status, 200, "{path}: {}", r.body);
+            let ids: Vec<String> = r.body["data"]
+                .as_array()
+                .expect("data")
+                .iter()
+                .map(|m| m["id"].as_str().expect("id").to_string())
+                .collect();
+            (ids, r.body["next_cursor"].as_str().map(str::to_string))
+        }
+    };
+    assert_eq!(
+        ids("to=ANN@example.COM").await.0,
+        [d.as_str(), c.as_str(), a.as_str()]
+    );
+    assert_eq!(ids("to=bob@example.com").await.0, [b.as_str()]);
+    assert!(ids("to=nobody@example.com").await.0.is_empty());
+    assert_eq!(
+        ids("to=ann@example.com&tag=auth").await.0,
+        [d.as_str(), a.as_str()]
+    );
+    assert_eq!(
+        ids("tag=auth").await.0,
+        [d.as_str(), b.as_str(), a.as_str()]
+    );
+    assert_eq!(
+        ids("to=ann@example.com&status=scheduled").await.0,
+        [d.as_str()]
+    );
+    let created = |id: &String| {
+        let api = app.api.clone();
+        let id = id.clone();
+        async move {
+            let m = api.message(&id).await;
+            let at = m["created_at"].as_str().expect("created_at").to_string();
+            at.replace('+', "%2B")
+        }
+    };
+    let (from_c, from_b) = (created(&c).await, created(&b).await);
+    assert_eq!(
+        ids(&format!("to=ann@example.com&since={from_c}")).await.0,
+        [d.as_str(), c.as_str()]
+    );
+    assert_eq!(
+        ids(&format!("to=ann@example.com&until={from_c}")).await.0,
+        [a.as_str()]
+    );
+    assert_eq!(
+        ids(&format!("since={from_b}&until={from_c}&tag=auth"))
+            .await
+            .0,
+        [b.as_str()]
+    );
+    let (first, cursor) = ids("to=ann@example.com&limit=2").await;
+    assert_eq!(first, [d.as_str(), c.as_str()]);
+    let cursor = cursor.expect("a next page");
+    let (rest, end) = ids(&format!("to=ann@example.com&limit=2&cursor={cursor}")).await;
+    assert_eq!(rest, [a.as_str()]);
+    assert_eq!(end, None);
     app.stop().await;
 }

@@ -310,14 +310,15 @@ impl SqlStore {
         .execute(&mut *conn)
         .await?;
         for r in &m.recipients {
+            let email = r.email.to_lowercase();
             let older = sqlx::query(&format!(
                 "SELECT DISTINCT r.message_id FROM recipients r JOIN messages o ON o.id = r.message_id \
-                 WHERE o.key_id = $1 AND o.collapse_key = $2 AND r.email = $3 AND r.message_id <> $4 \
+                 WHERE o.key_id = $1 AND o.collapse_key = $2 AND LOWER(r.email) = $3 AND r.message_id <> $4 \
                  AND r.status IN {WAITING}"
             ))
             .bind(&m.key_id)
             .bind(collapse_key)
-            .bind(&r.email)
+            .bind(&email)
             .bind(&m.id)
             .fetch_all(&mut *conn)
             .await?;
@@ -327,7 +328,7 @@ impl SqlStore {
                     status: Status::Canceled,
                     reason: "superseded",
                     superseded_by: Some(&m.id),
-                    only_email: Some(&r.email),
+                    only_email: Some(&email),
                 };
                 finalize_waiting(conn, &older_id, &finish, now).await?;
                 sqlx::query("UPDATE messages SET superseded_by = $2, canceled_reason = 'superseded' WHERE id = $1")
@@ -346,6 +347,7 @@ pub struct Finish<'a> {
     pub status: Status,
     pub reason: &'a str,
     pub superseded_by: Option<&'a str>,
+    /// Only this recipient (its address lowercased; compared ignoring case).
     pub only_email: Option<&'a str>,
 }
 
@@ -359,7 +361,7 @@ pub async fn finalize_waiting(
 ) -> StoreResult<u64> {
     let changed = sqlx::query(&format!(
         "UPDATE recipients SET status = $2, canceled_reason = $3, next_attempt_at = NULL, updated_at = $4 \
-         WHERE message_id = $1 AND status IN {WAITING} AND ($5 IS NULL OR email = $5) \
+         WHERE message_id = $1 AND status IN {WAITING} AND ($5 IS NULL OR LOWER(email) = $5) \
          RETURNING email, attempts"
     ))
     .bind(message_id)
@@ -494,6 +496,70 @@ pub async fn recompute_messages(
     Ok(out)
 }
 
+/// A parameter of the list query.
+#[derive(Debug, PartialEq)]
+enum ListBind {
+    Text(String),
+    Int(i64),
+}
+
+/// The list query for `f`, with a condition only for each filter given, so
+/// that the planner sees each one as it is: a recipient filter becomes a
+/// semi-join it may start from `recipients_email_lower_idx` (inside an
+/// `$n IS NULL OR EXISTS …` it could only be tested message by message,
+/// newest first, scanning every message for a rare address).
+fn list_query(f: &MessageFilter) -> (String, Vec<ListBind>) {
+    let mut conditions: Vec<String> = Vec::new();
+    let mut binds = Vec::new();
+    let mut add = |condition: &str, bind: ListBind| {
+        binds.push(bind);
+        conditions.push(condition.replace("$?", &format!("${}", binds.len())));
+    };
+    if let Some(key_id) = &f.key_id {
+        add("key_id = $?", ListBind::Text(key_id.clone()));
+    }
+    if let Some(status) = f.status {
+        add("status = $?", ListBind::Text(status.as_str().to_string()));
+    }
+    if let Some(tag) = &f.tag {
+        let escaped = tag
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        add(
+            "tags LIKE $? ESCAPE '\\'",
+            ListBind::Text(format!("%\"{escaped}\"%")),
+        );
+    }
+    if let Some(to) = &f.to {
+        add(
+            "id IN (SELECT message_id FROM recipients WHERE LOWER(email) = $?)",
+            ListBind::Text(to.to_lowercase()),
+        );
+    }
+    if let Some(since) = f.since {
+        add("created_at >= $?", ListBind::Int(since));
+    }
+    if let Some(until) = f.until {
+        add("created_at < $?", ListBind::Int(until));
+    }
+    if let Some(before) = &f.before_id {
+        add("id < $?", ListBind::Text(before.clone()));
+    }
+    binds.push(ListBind::Int(f.limit));
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {} ", conditions.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT {} FROM messages {filter}ORDER BY id DESC LIMIT ${}",
+        rows::MESSAGE_COLUMNS,
+        binds.len()
+    );
+    (sql, binds)
+}
+
 #[async_trait]
 impl MessageStore for SqlStore {
     async fn accept(&self, batch: &[NewMessage], now: Millis) -> StoreResult<()> {
@@ -601,31 +667,15 @@ impl MessageStore for SqlStore {
     }
 
     async fn list_messages(&self, f: &MessageFilter) -> StoreResult<Vec<MessageRecord>> {
-        let tag_pattern = f.tag.as_ref().map(|t| {
-            let escaped = t
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_");
-            format!("%\"{escaped}\"%")
-        });
-        let found = sqlx::query(&format!(
-            "SELECT {} FROM messages WHERE ($1 IS NULL OR key_id = $1) AND ($2 IS NULL OR status = $2) \
-             AND ($3 IS NULL OR tags LIKE $3 ESCAPE '\\') \
-             AND ($4 IS NULL OR EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = messages.id AND LOWER(r.email) = $4)) \
-             AND ($5 IS NULL OR created_at >= $5) AND ($6 IS NULL OR created_at < $6) \
-             AND ($7 IS NULL OR id < $7) ORDER BY id DESC LIMIT $8",
-            rows::MESSAGE_COLUMNS
-        ))
-        .bind(f.key_id.as_deref())
-        .bind(f.status.map(|s| s.as_str()))
-        .bind(tag_pattern)
-        .bind(f.to.as_ref().map(|t| t.to_lowercase()))
-        .bind(f.since)
-        .bind(f.until)
-        .bind(f.before_id.as_deref())
-        .bind(f.limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let (sql, binds) = list_query(f);
+        let mut query = sqlx::query(&sql);
+        for bind in binds {
+            query = match bind {
+                ListBind::Text(text) => query.bind(text),
+                ListBind::Int(n) => query.bind(n),
+            };
+        }
+        let found = query.fetch_all(&self.pool).await?;
         found.iter().map(rows::message).collect()
     }
 
@@ -696,4 +746,82 @@ async fn finish_idempotency(conn: &mut AnyConnection, idem: &IdemFinish) -> Stor
     .execute(conn)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{list_query, ListBind};
+    use crate::domain::Status;
+    use crate::store::records::MessageFilter;
+
+    fn filter() -> MessageFilter {
+        MessageFilter {
+            limit: 50,
+            ..MessageFilter::default()
+        }
+    }
+
+    #[test]
+    fn a_list_without_filters_has_no_conditions() {
+        let (sql, binds) = list_query(&filter());
+        assert!(
+            sql.ends_with("FROM messages ORDER BY id DESC LIMIT $1"),
+            "{sql}"
+        );
+        assert_eq!(binds, [ListBind::Int(50)]);
+    }
+
+    #[test]
+    fn each_filter_given_is_one_condition_numbered_in_order() {
+        let f = MessageFilter {
+            key_id: Some("k1".into()),
+            status: Some(Status::Delivered),
+            tag: Some("50%_off\\".into()),
+            to: Some("Ann@Example.COM".into()),
+            since: Some(10),
+            until: Some(20),
+            before_id: Some("m9".into()),
+            limit: 7,
+        };
+        let (sql, binds) = list_query(&f);
+        let conditions = sql
+            .split_once("WHERE ")
+            .and_then(|(_, rest)| rest.split_once(" ORDER BY"))
+            .map(|(c, _)| c)
+            .unwrap_or_default();
+        assert_eq!(
+            conditions,
+            "key_id = $1 AND status = $2 AND tags LIKE $3 ESCAPE '\\' AND \
+             id IN (SELECT message_id FROM recipients WHERE LOWER(email) = $4) AND \
+             created_at >= $5 AND created_at < $6 AND id < $7"
+        );
+        assert!(sql.ends_with("LIMIT $8"), "{sql}");
+        let text = |s: &str| ListBind::Text(s.to_string());
+        assert_eq!(
+            binds,
+            [
+                text("k1"),
+                text("delivered"),
+                text("%\"50\\%\\_off\\\\\"%"),
+                text("ann@example.com"),
+                ListBind::Int(10),
+                ListBind::Int(20),
+                text("m9"),
+                ListBind::Int(7),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_recipient_filter_alone_is_a_semi_join_on_the_lowered_address() {
+        let f = MessageFilter {
+            to: Some("x@y.z".into()),
+            ..filter()
+        };
+        let (sql, binds) = list_query(&f);
+        assert!(sql.contains(
+            "WHERE id IN (SELECT message_id FROM recipients WHERE LOWER(email) = $1) ORDER BY"
+        ));
+        assert_eq!(binds.len(), 2);
+    }
 }

@@ -48,6 +48,10 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         6,
         include_str!("../../../migrations/postgres/0006_fillfactor_50.sql"),
     ),
+    (
+        7,
+        include_str!("../../../migrations/postgres/0007_recipient_email_lower.sql"),
+    ),
 ];
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../../migrations/sqlite/0001_init.sql")),
@@ -66,6 +70,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (
         5,
         include_str!("../../../migrations/sqlite/0005_mime_patch.sql"),
+    ),
+    // No 6: Postgres's fillfactor has no SQLite counterpart.
+    (
+        7,
+        include_str!("../../../migrations/sqlite/0007_recipient_email_lower.sql"),
     ),
 ];
 
