@@ -56,6 +56,12 @@ struct Args {
     /// Give up waiting for deliveries after this long
     #[arg(long, default_value = "120s")]
     drain_timeout: humantime::Duration,
+    /// Open loop only: send at the same rate for this long first, measured
+    /// apart (`warmup_accept_ms`), so that the figures are the steady
+    /// state's and a server's cold start (connections being opened,
+    /// statements prepared) shows on its own
+    #[arg(long, default_value = "0s")]
+    warmup: humantime::Duration,
     /// Measure accepts only: do not wait for deliveries (for a server that
     /// does not deliver, `mailroom api`; delivered/s and 202→250 are then
     /// not measured)
@@ -66,6 +72,8 @@ struct Args {
 #[derive(Default)]
 struct Results {
     latencies: Vec<f64>,
+    /// When each request started, in seconds from the first (same order).
+    starts: Vec<f64>,
     statuses: BTreeMap<u16, u64>,
     ids: Vec<String>,
 }
@@ -163,16 +171,43 @@ impl Conns {
     }
 }
 
-async fn one(conns: &Conns, i: u64, results: &std::sync::Mutex<Results>) {
+async fn one(conns: &Conns, i: u64, t0: Instant, results: &std::sync::Mutex<Results>) {
     let started = Instant::now();
     let (status, id) = conns.send(i).await.unwrap_or((0, None));
     let elapsed = started.elapsed().as_secs_f64();
     let mut r = results.lock().unwrap();
     r.latencies.push(elapsed);
+    r.starts.push(started.duration_since(t0).as_secs_f64());
     *r.statuses.entry(status).or_default() += 1;
     if let Some(id) = id {
         r.ids.push(id);
     }
+}
+
+/// The run's worst seconds for accept latency: for each second (from the
+/// first request) its request count, p99 and max in ms; the `n` with the
+/// highest max, worst first. A tail made of one stall shows as one second.
+fn worst_seconds(starts: &[f64], latencies: &[f64], n: usize) -> Vec<serde_json::Value> {
+    let mut by_second: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+    for (start, latency) in starts.iter().zip(latencies) {
+        by_second.entry(*start as u64).or_default().push(*latency);
+    }
+    let mut seconds: Vec<(u64, usize, f64, f64)> = by_second
+        .into_iter()
+        .map(|(second, mut l)| {
+            l.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let max = l.last().copied().unwrap_or(0.0);
+            (second, l.len(), percentile(&l, 0.99), max)
+        })
+        .collect();
+    seconds.sort_by(|a, b| b.3.partial_cmp(&a.3).unwrap());
+    seconds
+        .into_iter()
+        .take(n)
+        .map(|(second, count, p99, max)| {
+            json!({"second": second, "requests": count, "p99_ms": p99 * 1000.0, "max_ms": max * 1000.0})
+        })
+        .collect()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -255,6 +290,35 @@ fn millis(v: &Value) -> Option<i64> {
         .map(|t| t.timestamp_millis())
 }
 
+/// Starts one request every `1/rate` s from `started` until `deadline`
+/// (each in its own task, in `tasks`), whatever the answers' latency.
+async fn open_loop(
+    tasks: &mut tokio::task::JoinSet<()>,
+    conns: &Arc<Conns>,
+    results: &Arc<std::sync::Mutex<Results>>,
+    counter: &Arc<std::sync::atomic::AtomicU64>,
+    rate: u64,
+    started: Instant,
+    deadline: Instant,
+) {
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let mut next = started;
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(4096));
+    while Instant::now() < deadline {
+        next += interval;
+        let permit = in_flight.clone().acquire_owned().await.unwrap();
+        let (conns, results) = (conns.clone(), results.clone());
+        let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tasks.spawn(async move {
+            one(&conns, i, started, &results).await;
+            drop(permit);
+        });
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let args = Arc::new(Args::parse());
@@ -263,8 +327,38 @@ async fn main() {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
-    let results = Arc::new(std::sync::Mutex::new(Results::default()));
     let conns = Arc::new(Conns::new(&args.base, &args.key));
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let warmup: Duration = args.warmup.into();
+    let warmup_ms = if args.mode == "open" && !warmup.is_zero() {
+        let results = Arc::new(std::sync::Mutex::new(Results::default()));
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        open_loop(
+            &mut tasks,
+            &conns,
+            &results,
+            &counter,
+            args.rate,
+            started,
+            started + warmup,
+        )
+        .await;
+        while tasks.join_next().await.is_some() {}
+        let r = results.lock().unwrap();
+        let mut latencies = r.latencies.clone();
+        latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        Some(json!({
+            "seconds": warmup.as_secs_f64(),
+            "requests": latencies.len(),
+            "p50": percentile(&latencies, 0.50) * 1000.0,
+            "p99": percentile(&latencies, 0.99) * 1000.0,
+            "max": latencies.last().copied().unwrap_or(0.0) * 1000.0,
+        }))
+    } else {
+        None
+    };
+    let results = Arc::new(std::sync::Mutex::new(Results::default()));
     let delivered_before = delivered_count(&client, &args.base).await;
     let cpu_before = args.pid.and_then(proc_stats).map_or(0.0, |s| s.1);
     let store_cpu_before = args.store_pid.and_then(tree_cpu);
@@ -273,32 +367,19 @@ async fn main() {
     let duration: Duration = args.duration.into();
     let started = Instant::now();
     let deadline = started + duration;
-    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     if args.mode == "open" {
-        let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
-        let mut next = Instant::now();
-        let in_flight = Arc::new(tokio::sync::Semaphore::new(4096));
-        while Instant::now() < deadline {
-            next += interval;
-            let permit = in_flight.clone().acquire_owned().await.unwrap();
-            let (conns, results) = (conns.clone(), results.clone());
-            let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tasks.spawn(async move {
-                one(&conns, i, &results).await;
-                drop(permit);
-            });
-            if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                tokio::time::sleep(wait).await;
-            }
-        }
+        open_loop(
+            &mut tasks, &conns, &results, &counter, args.rate, started, deadline,
+        )
+        .await;
     } else {
         for _ in 0..args.concurrency {
             let (conns, results, counter) = (conns.clone(), results.clone(), counter.clone());
             tasks.spawn(async move {
                 while Instant::now() < deadline {
                     let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    one(&conns, i, &results).await;
+                    one(&conns, i, started, &results).await;
                 }
             });
         }
@@ -308,9 +389,15 @@ async fn main() {
     // This generator's own CPU while sending: it shares the machine, as
     // pgbench's client does in the baseline.
     let own_cpu = proc_stats(std::process::id()).map(|s| s.1 - own_cpu_before);
-    let (accepted_ids, mut latencies, statuses) = {
+    let (accepted_ids, mut latencies, statuses, worst) = {
         let r = results.lock().unwrap();
-        (r.ids.clone(), r.latencies.clone(), r.statuses.clone())
+        let worst = worst_seconds(&r.starts, &r.latencies, 3);
+        (
+            r.ids.clone(),
+            r.latencies.clone(),
+            r.statuses.clone(),
+            worst,
+        )
     };
     let accepted = accepted_ids.len() as u64;
     // Wait until everything accepted is delivered.
@@ -381,8 +468,10 @@ async fn main() {
             "p95": percentile(&latencies, 0.95) * 1000.0,
             "p99": percentile(&latencies, 0.99) * 1000.0,
             "max": latencies.last().copied().unwrap_or(0.0) * 1000.0,
+            "worst_seconds": worst,
         },
         "statuses": statuses,
+        "warmup_accept_ms": warmup_ms,
         "delivered": delivered,
         "delivered_per_s": delivered as f64 / delivery_seconds,
         "to_relay_ms": {
@@ -405,6 +494,21 @@ async fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worst_seconds_name_the_stall() {
+        // Second 0: ten fast requests; second 1: one stalled, nine fast.
+        let starts: Vec<f64> = (0..20).map(|i| f64::from(i) / 10.0).collect();
+        let mut latencies = vec![0.001; 20];
+        latencies[13] = 0.250;
+        let worst = worst_seconds(&starts, &latencies, 1);
+        assert_eq!(worst.len(), 1);
+        assert_eq!(worst[0]["second"], 1);
+        assert_eq!(worst[0]["requests"], 10);
+        assert_eq!(worst[0]["max_ms"], 250.0);
+        assert_eq!(worst_seconds(&starts, &latencies, 5).len(), 2);
+        assert!(worst_seconds(&[], &[], 3).is_empty());
+    }
 
     #[test]
     fn body_is_the_send_it_describes() {

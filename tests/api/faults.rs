@@ -319,48 +319,67 @@ async fn embedded_restart_keeps_everything() {
     app.api.wait_status(&again, "delivered").await;
 }
 
-/// The load generator works (a second of tiny load; timings not asserted).
-/// The server runs in this process, so this process stands for both the
-/// server and the store whose CPU it reports.
+/// The load generator works (a second of tiny load each way; timings not
+/// asserted). The server runs in this process, so this process stands for
+/// both the server and the store whose CPU it reports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_generator_smoke() {
     let env = Env::new(Stack::Embedded).await;
     let app = TestApp::start(&env, None).await;
     let me = std::process::id().to_string();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailroom-bench"))
-        .args([
-            "--pid",
-            &me,
-            "--store-pid",
-            &me,
-            "--base",
-            &app.api.base,
-            "--key",
-            &app.api.key,
-            "--duration",
-            "1s",
-            "--concurrency",
-            "2",
-            "--sample",
-            "5",
-            "--drain-timeout",
-            "30s",
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(report["accepted"].as_u64().unwrap() > 0, "{report}");
-    assert_eq!(report["delivered"], report["accepted"], "{report}");
-    assert!(report["to_relay_ms"]["samples"].as_u64().unwrap() > 0);
-    for cpu in ["server_cpu_us_per_message", "store_cpu_us_per_message"] {
-        assert!(report[cpu].as_f64().unwrap() > 0.0, "{cpu}: {report}");
+    let run = |mode: &'static [&'static str]| {
+        let (me, base, key) = (me.clone(), app.api.base.clone(), app.api.key.clone());
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailroom-bench"))
+                .args([
+                    "--pid",
+                    &me,
+                    "--store-pid",
+                    &me,
+                    "--base",
+                    &base,
+                    "--key",
+                    &key,
+                ])
+                .args([
+                    "--duration",
+                    "1s",
+                    "--sample",
+                    "5",
+                    "--drain-timeout",
+                    "30s",
+                ])
+                .args(mode)
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        }
+    };
+    let closed = run(&["--mode", "closed", "--concurrency", "2"]).await;
+    let open = run(&["--mode", "open", "--rate", "50", "--warmup", "1s"]).await;
+    for report in [&closed, &open] {
+        assert!(report["accepted"].as_u64().unwrap() > 0, "{report}");
+        assert_eq!(report["delivered"], report["accepted"], "{report}");
+        assert!(report["to_relay_ms"]["samples"].as_u64().unwrap() > 0);
+        for cpu in ["server_cpu_us_per_message", "store_cpu_us_per_message"] {
+            assert!(report[cpu].as_f64().unwrap() > 0.0, "{cpu}: {report}");
+        }
+        assert!(!report["accept_ms"]["worst_seconds"]
+            .as_array()
+            .unwrap()
+            .is_empty());
     }
+    // The warm-up is measured apart, and its sends are not counted again.
+    assert!(closed["warmup_accept_ms"].is_null(), "{closed}");
+    let warmup = open["warmup_accept_ms"]["requests"].as_u64().unwrap();
+    assert!((40..=60).contains(&warmup), "{open}");
+    assert!(open["requests"].as_u64().unwrap() <= 60, "{open}");
     app.stop().await;
 }
 

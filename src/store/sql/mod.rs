@@ -111,7 +111,10 @@ impl SqlStore {
         let options = match backend {
             Backend::Postgres => options
                 .max_connections(pool_size)
-                .min_connections(0)
+                // As many as the hot paths keep, opened at start (and kept
+                // open): a fresh process's first second under load no
+                // longer waits for each of them to connect and set up.
+                .min_connections(HOT_CONNECTIONS.min(pool_size as usize / 4) as u32)
                 .after_connect(|conn, _meta| {
                     Box::pin(async move {
                         // MIME bodies are compressed on insert; lz4 costs a
