@@ -141,14 +141,13 @@ run_mailroom() { # $1 = label, rest = env assignments
   local key; key=$(cat "$data/admin-key")
   # Postgres's CPU per message too, when it is the store.
   local store=(); [ "$label" = postgres ] && store=(--store-pid "$(head -1 "$WORK/pg/postmaster.pid")" --queue-pid "$REDIS_PID")
-  # The steady rate after a 2 s warm-up at that rate, measured apart: a
-  # fresh server's first second (connections opened, statements prepared
-  # and templates compiled under load) is a cold start, reported on its own
-  # below the table, not the steady rate's tail.
   # The steady rate first, then saturation: right after a saturating burst
   # the store is busy with its aftermath (autovacuum of the burst's rows,
   # writeback) for about a minute, which is not the steady rate's tail
-  # (docs/performance.md measures both).
+  # (docs/performance.md measures both). The steady rate comes after a 2 s
+  # warm-up at that rate, measured apart: a fresh server's first second
+  # (connections opened, statements prepared and templates compiled under
+  # load) is a cold start, reported on its own below the table.
   ./target/release/mailroom-bench --base http://127.0.0.1:$HTTPPORT --key "$key" --pid $pid "${store[@]}" --mode open --rate "$RATE" --warmup 2s --duration "$DUR" > "$WORK/$label-open.json"
   ./target/release/mailroom-bench --base http://127.0.0.1:$HTTPPORT --key "$key" --pid $pid "${store[@]}" --mode closed --concurrency "$CLIENTS" --duration "$DUR" > "$WORK/$label-closed.json"
   kill $pid; wait $pid 2>/dev/null || true

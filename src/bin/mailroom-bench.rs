@@ -195,12 +195,12 @@ fn worst_seconds(starts: &[f64], latencies: &[f64], n: usize) -> Vec<serde_json:
     let mut seconds: Vec<(u64, usize, f64, f64)> = by_second
         .into_iter()
         .map(|(second, mut l)| {
-            l.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            l.sort_by(f64::total_cmp);
             let max = l.last().copied().unwrap_or(0.0);
             (second, l.len(), percentile(&l, 0.99), max)
         })
         .collect();
-    seconds.sort_by(|a, b| b.3.partial_cmp(&a.3).unwrap());
+    seconds.sort_by(|a, b| b.3.total_cmp(&a.3));
     seconds
         .into_iter()
         .take(n)
@@ -208,6 +208,20 @@ fn worst_seconds(starts: &[f64], latencies: &[f64], n: usize) -> Vec<serde_json:
             json!({"second": second, "requests": count, "p99_ms": p99 * 1000.0, "max_ms": max * 1000.0})
         })
         .collect()
+}
+
+/// Accept latency percentiles and maximum, in ms, of `latencies` (seconds,
+/// in any order).
+fn accept_summary(latencies: &[f64]) -> serde_json::Map<String, Value> {
+    let mut sorted = latencies.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let ms = |p: f64| percentile(&sorted, p) * 1000.0;
+    let mut out = serde_json::Map::new();
+    out.insert("p50".into(), json!(ms(0.50)));
+    out.insert("p95".into(), json!(ms(0.95)));
+    out.insert("p99".into(), json!(ms(0.99)));
+    out.insert("max".into(), json!(ms(1.0)));
+    out
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -346,15 +360,10 @@ async fn main() {
         .await;
         while tasks.join_next().await.is_some() {}
         let r = results.lock().unwrap();
-        let mut latencies = r.latencies.clone();
-        latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        Some(json!({
-            "seconds": warmup.as_secs_f64(),
-            "requests": latencies.len(),
-            "p50": percentile(&latencies, 0.50) * 1000.0,
-            "p99": percentile(&latencies, 0.99) * 1000.0,
-            "max": latencies.last().copied().unwrap_or(0.0) * 1000.0,
-        }))
+        let mut summary = accept_summary(&r.latencies);
+        summary.insert("seconds".into(), json!(warmup.as_secs_f64()));
+        summary.insert("requests".into(), json!(r.latencies.len()));
+        Some(summary)
     } else {
         None
     };
@@ -389,7 +398,7 @@ async fn main() {
     // This generator's own CPU while sending: it shares the machine, as
     // pgbench's client does in the baseline.
     let own_cpu = proc_stats(std::process::id()).map(|s| s.1 - own_cpu_before);
-    let (accepted_ids, mut latencies, statuses, worst) = {
+    let (accepted_ids, latencies, statuses, worst) = {
         let r = results.lock().unwrap();
         let worst = worst_seconds(&r.starts, &r.latencies, 3);
         (
@@ -454,8 +463,9 @@ async fn main() {
             to_relay.push((at + d - created) as f64 / 1000.0);
         }
     }
-    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    to_relay.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    to_relay.sort_by(f64::total_cmp);
+    let mut accept_ms = accept_summary(&latencies);
+    accept_ms.insert("worst_seconds".into(), json!(worst));
     let report = json!({
         "mode": args.mode,
         "concurrency": args.concurrency,
@@ -463,13 +473,7 @@ async fn main() {
         "requests": latencies.len(),
         "accepted": accepted,
         "accepted_per_s": accepted as f64 / send_seconds,
-        "accept_ms": {
-            "p50": percentile(&latencies, 0.50) * 1000.0,
-            "p95": percentile(&latencies, 0.95) * 1000.0,
-            "p99": percentile(&latencies, 0.99) * 1000.0,
-            "max": latencies.last().copied().unwrap_or(0.0) * 1000.0,
-            "worst_seconds": worst,
-        },
+        "accept_ms": accept_ms,
         "statuses": statuses,
         "warmup_accept_ms": warmup_ms,
         "delivered": delivered,
