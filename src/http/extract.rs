@@ -210,14 +210,42 @@ impl Params {
     }
 }
 
-/// `{data, next_cursor}` for a page of `limit` items.
-pub fn page(data: Vec<Value>, limit: i64, cursor_of: impl Fn(&Value) -> Option<String>) -> Value {
-    let next = if data.len() as i64 >= limit {
+/// `{data, next_cursor}` for a page of at most `limit` items. `data` holds
+/// what the store returned for `limit + 1`: one item more than the page
+/// says there is a next page, and `next_cursor` is null on the last one.
+pub fn page(
+    mut data: Vec<Value>,
+    limit: i64,
+    cursor_of: impl Fn(&Value) -> Option<String>,
+) -> Value {
+    let limit = usize::try_from(limit).unwrap_or(0);
+    let next = if data.len() > limit {
+        data.truncate(limit);
         data.last().and_then(cursor_of)
     } else {
         None
     };
     serde_json::json!({"data": data, "next_cursor": next})
+}
+
+/// A page of a list read whole (templates, keys, webhooks: sets small
+/// enough to hold), in the order of `key`, which is also its cursor: the
+/// next page starts after the cursor's key, so an item deleted between
+/// two pages moves nothing.
+pub fn page_sorted(
+    mut items: Vec<Value>,
+    params: &Params,
+    key: impl Fn(&Value) -> String,
+) -> Result<Value, ApiError> {
+    let limit = params.limit()?;
+    let after = params.str("cursor");
+    items.sort_by_cached_key(&key);
+    let rest: Vec<Value> = items
+        .into_iter()
+        .filter(|v| after.is_none_or(|c| key(v).as_str() > c))
+        .take(usize::try_from(limit).unwrap_or(0) + 1)
+        .collect();
+    Ok(page(rest, limit, |v| Some(key(v))))
 }
 
 /// Checks unknown top-level fields of a JSON object body.

@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
-use super::extract::object;
-use super::{AppState, Auth, JsonBody, Routes};
+use super::extract::{object, page_sorted};
+use super::{AppState, Auth, JsonBody, Params, Routes};
 use crate::domain::{format_ms, now_ms, EmailAddress};
 use crate::error::{ApiError, FieldError};
 use crate::keys::{new_key, ApiKey, KeyLimits, KeyMode, Scope};
@@ -258,11 +258,18 @@ async fn create(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
-async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+    params: Params,
+) -> Result<Json<Value>, ApiError> {
     auth.require(Scope::Admin)?;
+    params.only(&["limit", "cursor"])?;
     let keys = state.store.list_keys().await?;
     let data: Vec<Value> = keys.iter().map(key_view).collect();
-    Ok(Json(json!({"data": data, "next_cursor": null})))
+    Ok(Json(page_sorted(data, &params, |v| {
+        v["id"].as_str().unwrap_or_default().to_string()
+    })?))
 }
 
 async fn find(state: &AppState, id: &str) -> Result<ApiKey, ApiError> {

@@ -127,8 +127,19 @@ async fn list(
         to: params.str("to").map(str::to_string),
         since: params.time("since")?,
         until: params.time("until")?,
-        before_id: params.str("cursor").map(str::to_string),
-        limit,
+        before_id: params
+            .str("cursor")
+            .map(|c| {
+                // A cursor is the last id of a page (a UUID).
+                uuid::Uuid::parse_str(c)
+                    .map(|_| c.to_string())
+                    .map_err(|_| {
+                        ApiError::validation("cursor", "must be a cursor from a previous page")
+                    })
+            })
+            .transpose()?,
+        // One more than the page, to know whether there is a next one.
+        limit: limit + 1,
     };
     let found = state.store.list_messages(&filter).await?;
     let data = found.iter().map(message_view).collect();

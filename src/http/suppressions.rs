@@ -44,7 +44,7 @@ async fn list(
     let limit = params.limit()?;
     let found = state
         .store
-        .list_suppressions(params.str("cursor"), limit)
+        .list_suppressions(params.str("cursor"), limit + 1)
         .await?;
     let data = found.iter().map(view).collect();
     Ok(Json(page(data, limit, |v| {

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::extract::object;
+use super::extract::{object, page_sorted};
 use super::{AppState, Auth, JsonBody, Params, Routes};
 use crate::domain::{format_ms, now_ms, Priority};
 use crate::error::{ApiError, FieldError};
@@ -57,8 +57,13 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+    params: Params,
+) -> Result<Json<Value>, ApiError> {
     auth.require_any(&[Scope::Read, Scope::Send])?;
+    params.only(&["limit", "cursor"])?;
     let all = state.store.list_templates().await?;
     let mut by_name: BTreeMap<&str, Vec<&TemplateVersion>> = BTreeMap::new();
     for t in &all {
@@ -82,7 +87,9 @@ async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, 
             })
         })
         .collect();
-    Ok(Json(json!({"data": data, "next_cursor": null})))
+    Ok(Json(page_sorted(data, &params, |v| {
+        v["name"].as_str().unwrap_or_default().to_string()
+    })?))
 }
 
 async fn find(state: &AppState, name: &str, params: &Params) -> Result<TemplateVersion, ApiError> {
@@ -112,14 +119,23 @@ async fn versions(
     State(state): State<AppState>,
     auth: Auth,
     Path(name): Path<String>,
+    params: Params,
 ) -> Result<Json<Value>, ApiError> {
     auth.require_any(&[Scope::Read, Scope::Send])?;
+    params.only(&["limit", "cursor"])?;
     let versions = state.store.template_versions(&name).await?;
     if versions.is_empty() {
         return Err(ApiError::NotFound(format!("No template {name}.")));
     }
     let data: Vec<Value> = versions.iter().map(version_view).collect();
-    Ok(Json(json!({"data": data, "next_cursor": null})))
+    // Newest version first (then by locale): the key counts down.
+    Ok(Json(page_sorted(data, &params, |v| {
+        format!(
+            "{:019}.{}",
+            i64::MAX - v["version"].as_i64().unwrap_or_default(),
+            v["locale"].as_str().unwrap_or_default()
+        )
+    })?))
 }
 
 fn string_list(

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
-use super::extract::{object, page};
+use super::extract::{object, page, page_sorted};
 use super::{AppState, Auth, JsonBody, Params, Routes};
 use crate::domain::{format_ms, new_id, now_ms, Status};
 use crate::error::{ApiError, FieldError};
@@ -158,8 +158,13 @@ async fn create(
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
-async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+    params: Params,
+) -> Result<Json<Value>, ApiError> {
     auth.require(Scope::Admin)?;
+    params.only(&["limit", "cursor"])?;
     let data: Vec<Value> = state
         .store
         .list_webhooks()
@@ -167,7 +172,9 @@ async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, 
         .iter()
         .map(view)
         .collect();
-    Ok(Json(json!({"data": data, "next_cursor": null})))
+    Ok(Json(page_sorted(data, &params, |v| {
+        v["id"].as_str().unwrap_or_default().to_string()
+    })?))
 }
 
 async fn find(state: &AppState, id: &str) -> Result<Webhook, ApiError> {
@@ -286,7 +293,7 @@ async fn deliveries(
     let limit = params.limit()?;
     let found = state
         .store
-        .deliveries(&id, params.str("cursor"), limit)
+        .deliveries(&id, params.str("cursor"), limit + 1)
         .await?;
     let mut data = Vec::with_capacity(found.len());
     for d in &found {

@@ -143,6 +143,19 @@ impl Sender {
             })
     }
 
+    /// The 422 for an invalid request, naming every bad field: the
+    /// request's own and, when its content could be read, what rendering
+    /// it finds (an unknown template, a missing variable).
+    async fn every_problem(&self, invalid: request::Invalid) -> ApiError {
+        let mut errors = invalid.errors;
+        if let Some(content) = &invalid.content {
+            if let Err(ApiError::Validation(more)) = self.render(content).await {
+                errors.extend(more);
+            }
+        }
+        ApiError::Validation(errors)
+    }
+
     async fn render(
         &self,
         content: &Content,
@@ -189,31 +202,19 @@ impl Sender {
         let limits = request::ParseLimits {
             max_attachment_bytes: self.settings.max_attachment_bytes,
             now,
+            default_from: self.settings.default_from.as_ref(),
+            allowed_from_domains: &key.allowed_from_domains,
         };
-        let req = request::parse(body, &limits).map_err(ApiError::Validation)?;
-        let from = req
-            .from
-            .clone()
-            .or_else(|| self.settings.default_from.clone())
-            .ok_or_else(|| {
-                ApiError::validation("from", "is required (no MAILROOM_DEFAULT_FROM is set)")
-            })?;
-        if !key.allowed_from_domains.is_empty()
-            && !key.allowed_from_domains.iter().any(|d| {
-                d.eq_ignore_ascii_case(from.email.domain())
-                    || d.eq_ignore_ascii_case(from.email.ascii_domain())
-            })
-        {
-            return Err(ApiError::validation(
-                "from",
-                format!("domain {} is not allowed for this key", from.email.domain()),
-            ));
-        }
+        let req = match request::parse(body, &limits) {
+            Ok(req) => req,
+            Err(invalid) => return Err(self.every_problem(invalid).await),
+        };
+        let from = &req.from;
         let (rendered, redacted, template) = self.render(&req.content).await?;
         let id = new_id();
         let message_id_header = format!("<{id}@{}>", from.email.ascii_domain());
         let envelope = compose::Envelope {
-            from: &from,
+            from,
             to: &req.to,
             cc: &req.cc,
             reply_to: &req.reply_to,

@@ -95,7 +95,8 @@ pub struct Attachment {
 #[derive(Debug, Clone)]
 pub struct SendRequest {
     pub content: Content,
-    pub from: Option<Mailbox>,
+    /// The request's `from`, or the configured default.
+    pub from: Mailbox,
     pub to: Vec<Mailbox>,
     pub cc: Vec<Mailbox>,
     pub bcc: Vec<Mailbox>,
@@ -110,10 +111,24 @@ pub struct SendRequest {
     pub collapse_key: Option<String>,
 }
 
-/// Limits the parser enforces that come from configuration.
-pub struct ParseLimits {
+/// What the parser checks against that comes from configuration and from
+/// the sending key.
+pub struct ParseLimits<'a> {
     pub max_attachment_bytes: usize,
     pub now: Millis,
+    /// `From` for a request without one (`MAILROOM_DEFAULT_FROM`).
+    pub default_from: Option<&'a Mailbox>,
+    /// The key's allowed `From` domains (empty: any).
+    pub allowed_from_domains: &'a [String],
+}
+
+/// A request that cannot be accepted: every bad field found, and its
+/// content when that part could be read (so that what rendering it finds
+/// is named in the same answer).
+#[derive(Debug)]
+pub struct Invalid {
+    pub errors: Vec<FieldError>,
+    pub content: Option<Content>,
 }
 
 struct Errors(Vec<FieldError>);
@@ -459,22 +474,22 @@ fn content(obj: &Map<String, Value>, errors: &mut Errors) -> Option<Content> {
 }
 
 /// Parses a send request; `Err` lists every problem found.
-pub fn parse(body: &Value, limits: &ParseLimits) -> Result<SendRequest, Vec<FieldError>> {
+pub fn parse(body: &Value, limits: &ParseLimits) -> Result<SendRequest, Invalid> {
     let mut errors = Errors(Vec::new());
     let Some(obj) = body.as_object() else {
-        return Err(vec![FieldError::new(
-            "",
-            "the request body must be a JSON object",
-        )]);
+        return Err(Invalid {
+            errors: vec![FieldError::new(
+                "",
+                "the request body must be a JSON object",
+            )],
+            content: None,
+        });
     };
     for key in obj.keys().filter(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
         errors.add(key.clone(), "unknown field");
     }
     let content = content(obj, &mut errors);
-    let from = obj
-        .get("from")
-        .filter(|v| !v.is_null())
-        .and_then(|v| mailbox(v, "from", &mut errors));
+    let from = sender(obj, limits, &mut errors);
     let to = mailbox_list(obj, "to", &mut errors);
     let cc = mailbox_list(obj, "cc", &mut errors);
     let bcc = mailbox_list(obj, "bcc", &mut errors);
@@ -528,8 +543,8 @@ pub fn parse(body: &Value, limits: &ParseLimits) -> Result<SendRequest, Vec<Fiel
     {
         errors.add("collapse_key", "must be 1-128 printable characters");
     }
-    match (errors.0.is_empty(), content) {
-        (true, Some(content)) => Ok(SendRequest {
+    match (errors.0.is_empty(), content, from) {
+        (true, Some(content), Some(from)) => Ok(SendRequest {
             content,
             from,
             to,
@@ -545,8 +560,40 @@ pub fn parse(body: &Value, limits: &ParseLimits) -> Result<SendRequest, Vec<Fiel
             priority,
             collapse_key,
         }),
-        _ => Err(errors.0),
+        (_, content, _) => Err(Invalid {
+            errors: errors.0,
+            content,
+        }),
     }
+}
+
+/// The sender: the request's `from` or the default, in one of the key's
+/// allowed domains.
+fn sender(obj: &Map<String, Value>, limits: &ParseLimits, errors: &mut Errors) -> Option<Mailbox> {
+    let from = match obj.get("from").filter(|v| !v.is_null()) {
+        Some(v) => mailbox(v, "from", errors)?,
+        None => match limits.default_from {
+            Some(default) => default.clone(),
+            None => {
+                errors.add("from", "is required (no MAILROOM_DEFAULT_FROM is set)");
+                return None;
+            }
+        },
+    };
+    let domains = limits.allowed_from_domains;
+    if !domains.is_empty()
+        && !domains.iter().any(|d| {
+            d.eq_ignore_ascii_case(from.email.domain())
+                || d.eq_ignore_ascii_case(from.email.ascii_domain())
+        })
+    {
+        errors.add(
+            "from",
+            format!("domain {} is not allowed for this key", from.email.domain()),
+        );
+        return None;
+    }
+    Some(from)
 }
 
 #[cfg(test)]
@@ -554,16 +601,19 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn limits() -> ParseLimits {
+    fn limits() -> ParseLimits<'static> {
         ParseLimits {
             max_attachment_bytes: 1000,
             now: 1_000_000,
+            default_from: None,
+            allowed_from_domains: &[],
         }
     }
 
     fn fields(body: Value) -> Vec<String> {
         parse(&body, &limits())
             .unwrap_err()
+            .errors
             .into_iter()
             .map(|e| e.field)
             .collect()
@@ -600,17 +650,39 @@ mod tests {
     #[test]
     fn inline_and_template_parse() {
         let req = parse(
-            &json!({"subject": "Hi", "text": "x", "to": "李雷 <lilei@example.com>", "send_at": "1970-01-01T00:00:00Z"}),
+            &json!({"subject": "Hi", "text": "x", "from": "a@acme.test", "to": "李雷 <lilei@example.com>", "send_at": "1970-01-01T00:00:00Z"}),
             &limits(),
         )
         .unwrap();
         assert_eq!(req.to[0].name.as_deref(), Some("李雷"));
         assert!(req.send_at.is_none(), "past send_at means now");
         let req = parse(
-            &json!({"template": "password-reset", "data": {"reset_url": "x"}, "to": [{"email": "b@example.com", "name": "Bo"}]}),
+            &json!({"template": "password-reset", "data": {"reset_url": "x"}, "from": "a@acme.test", "to": [{"email": "b@example.com", "name": "Bo"}]}),
             &limits(),
         )
         .unwrap();
         assert!(matches!(req.content, Content::Template { .. }));
+    }
+
+    #[test]
+    fn sender_is_the_default_and_in_an_allowed_domain() {
+        let default = Mailbox::parse("Acme <no-reply@acme.test>").unwrap();
+        let domains = ["acme.test".to_string()];
+        let limits = ParseLimits {
+            default_from: Some(&default),
+            allowed_from_domains: &domains,
+            ..limits()
+        };
+        let body = json!({"subject": "s", "text": "t", "to": "b@example.com"});
+        assert_eq!(parse(&body, &limits).unwrap().from, default);
+        let mut other = body.clone();
+        other["from"] = json!("x@elsewhere.test");
+        let invalid = parse(&other, &limits).unwrap_err();
+        assert_eq!(invalid.errors[0].field, "from");
+        assert!(
+            invalid.content.is_some(),
+            "the content is kept so that rendering can name its own problems"
+        );
+        assert_eq!(fields(body), ["from"], "no default: from is required");
     }
 }

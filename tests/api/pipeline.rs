@@ -23,6 +23,7 @@ on_both_stacks!(
     fails_over_from_dead_relay,
     concurrent_sends_keep_their_recipients,
     listing_filters_combine,
+    every_list_pages_by_cursor,
 );
 
 /// `/metrics` shows the store's backlog (messages not yet final), read at
@@ -648,5 +649,100 @@ async fn listing_filters_combine(stack: Stack) {
     let (rest, end) = ids(&format!("to=ann@example.com&limit=2&cursor={cursor}")).await;
     assert_eq!(rest, [a.as_str()]);
     assert_eq!(end, None);
+    // A page that ends the list exactly says so: no cursor to an empty page.
+    let (all, end) = ids("to=ann@example.com&limit=3").await;
+    assert_eq!(all.len(), 3);
+    assert_eq!(end, None);
+    let r = app.api.get("/v1/messages?cursor=not-a-cursor").await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["field"], "cursor");
+    app.stop().await;
+}
+
+/// Every list answers `?limit=&cursor=` with `{data, next_cursor}`: pages
+/// of at most `limit`, in a stable order, `next_cursor` null on the last.
+async fn every_list_pages_by_cursor(stack: Stack) {
+    let env = Env::new(stack).await;
+    let app = TestApp::start(&env, None).await;
+    let api = &app.api;
+    for name in ["k1", "k2", "k3"] {
+        let r = api
+            .post("/v1/keys", json!({"name": name, "scopes": ["send"]}))
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    for n in 0..3 {
+        let r = api
+            .post(
+                "/v1/webhooks",
+                json!({"url": format!("http://127.0.0.1:9/hook{n}")}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let tpl = json!({"subject": "s {{ n }}", "text": "t {{ n }}", "required": ["n"]});
+    for _ in 0..3 {
+        assert_eq!(
+            api.put("/v1/templates/paged", tpl.clone()).await.status,
+            201
+        );
+    }
+    for email in [
+        "a@example.com",
+        "b@example.com",
+        "c@example.com",
+        "d@example.com",
+    ] {
+        let r = api
+            .put(
+                &format!("/v1/suppressions/{email}"),
+                json!({"reason": "test"}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // (list path, how many items it holds, the field that names one)
+    for (path, count, field) in [
+        ("/v1/keys", 4, "id"), // the bootstrap admin key too
+        ("/v1/webhooks", 3, "id"),
+        ("/v1/templates", 3, "name"),
+        ("/v1/templates/paged/versions", 3, "version"),
+        ("/v1/suppressions", 4, "email"),
+    ] {
+        let whole = api.get(path).await;
+        assert_eq!(whole.status, 200, "{path}: {}", whole.body);
+        let expected: Vec<String> = whole.body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v[field].to_string())
+            .collect();
+        assert_eq!(expected.len(), count, "{path}: {}", whole.body);
+        assert_eq!(whole.body["next_cursor"], Value::Null, "{path}");
+        for limit in [1, 2, count] {
+            let mut seen = Vec::new();
+            let mut cursor: Option<String> = None;
+            for _ in 0..=count {
+                let page_path = match &cursor {
+                    Some(c) => format!("{path}?limit={limit}&cursor={c}"),
+                    None => format!("{path}?limit={limit}"),
+                };
+                let page = api.get(&page_path).await;
+                assert_eq!(page.status, 200, "{page_path}: {}", page.body);
+                let data = page.body["data"].as_array().unwrap();
+                assert!(!data.is_empty() && data.len() <= limit, "{page_path}");
+                seen.extend(data.iter().map(|v| v[field].to_string()));
+                cursor = page.body["next_cursor"].as_str().map(str::to_string);
+                if cursor.is_none() {
+                    break;
+                }
+            }
+            assert_eq!(seen, expected, "{path} in pages of {limit}");
+        }
+        let r = api.get(&format!("{path}?limit=0")).await;
+        assert_eq!(r.status, 422, "{path}: {}", r.body);
+        let r = api.get(&format!("{path}?page=2")).await;
+        assert_eq!(r.status, 422, "{path}: {}", r.body);
+    }
     app.stop().await;
 }
