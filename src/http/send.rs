@@ -1,6 +1,7 @@
 //! `POST /v1/send` and `POST /v1/send/batch`: auth, the key's rate limit,
-//! `Idempotency-Key`, then the sending service. Every answer carries the
-//! IETF `RateLimit-Policy` / `RateLimit` headers when the key has limits.
+//! `Idempotency-Key`, then the sending service. Every answer after the rate
+//! check (202, 422, 409, 429) carries the IETF `RateLimit-Policy` /
+//! `RateLimit` headers when the key has limits.
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
@@ -113,11 +114,17 @@ pub fn ratelimit_headers(
     headers
 }
 
-async fn quota_used(state: &AppState, key: &ApiKey, accepted: &Accepted) -> Option<(i64, i64)> {
+/// The key's quota use for the headers: what the accept counted, else
+/// read (`None` when the key has no quotas, or the read fails).
+async fn quota_used(
+    state: &AppState,
+    key: &ApiKey,
+    counted: Option<(i64, i64)>,
+) -> Option<(i64, i64)> {
     if key.limits.daily_quota.is_none() && key.limits.monthly_quota.is_none() {
         return None;
     }
-    match accepted.quota_used {
+    match counted {
         Some(used) => Some(used),
         None => state
             .limiter
@@ -127,13 +134,31 @@ async fn quota_used(state: &AppState, key: &ApiKey, accepted: &Accepted) -> Opti
     }
 }
 
+/// The answer to a send, accepted or not, with the key's `RateLimit`
+/// headers: a refused request (422, 409…) has spent a rate token too, and
+/// says what is left. A 429 carries its own; a dependency that is down is
+/// not asked again for the quota.
 async fn respond(
     state: &AppState,
     key: &ApiKey,
     rate: Option<RateDecision>,
-    accepted: Accepted,
+    result: Result<Accepted, ApiError>,
 ) -> Response {
-    let used = quota_used(state, key, &accepted).await;
+    let accepted = match result {
+        Ok(accepted) => accepted,
+        Err(e @ (ApiError::RateLimited { .. } | ApiError::Unavailable(_))) => {
+            return e.into_response();
+        }
+        Err(e) => {
+            let used = quota_used(state, key, None).await;
+            let mut response = e.into_response();
+            response
+                .headers_mut()
+                .extend(ratelimit_headers(key, rate.as_ref(), used));
+            return response;
+        }
+    };
+    let used = quota_used(state, key, accepted.quota_used).await;
     let mut response = (accepted.status, Json(accepted.body)).into_response();
     response
         .headers_mut()
@@ -156,8 +181,8 @@ async fn send(
     let key = auth.require(Scope::Send)?;
     let idem = idempotency_key(&headers)?;
     let rate = check_rate(&state, key).await?;
-    let accepted = state.sender.send(key, body, idem.as_deref()).await?;
-    Ok(respond(&state, key, rate, accepted).await)
+    let result = state.sender.send(key, body, idem.as_deref()).await;
+    Ok(respond(&state, key, rate, result).await)
 }
 
 async fn batch(
@@ -169,6 +194,6 @@ async fn batch(
     let key = auth.require(Scope::Send)?;
     let idem = idempotency_key(&headers)?;
     let rate = check_rate(&state, key).await?;
-    let accepted = state.sender.send_batch(key, body, idem.as_deref()).await?;
-    Ok(respond(&state, key, rate, accepted).await)
+    let result = state.sender.send_batch(key, body, idem.as_deref()).await;
+    Ok(respond(&state, key, rate, result).await)
 }

@@ -126,9 +126,16 @@ async fn rate_limit_burst_and_retry_after(stack: Stack) {
     let app = TestApp::start(&env, None).await;
     let (_, key) = app.api.create_key(json!({"name": "paced", "scopes": ["send", "read"], "rate_per_second": 0.5, "burst": 3})).await;
     let client = app.api.with_key(&key);
-    for expected_remaining in [2, 1, 0] {
-        let r = client.post("/v1/send", code_to("a@example.com")).await;
-        assert_eq!(r.status, 202, "{}", r.body);
+    // A refused send spends a token too, and its answer says what is left.
+    let mut bad = code_to("a@example.com");
+    bad["data"] = json!({});
+    for (body, status, expected_remaining) in [
+        (bad, 422, 2),
+        (code_to("a@example.com"), 202, 1),
+        (code_to("a@example.com"), 202, 0),
+    ] {
+        let r = client.post("/v1/send", body).await;
+        assert_eq!(r.status, status, "{}", r.body);
         assert_eq!(r.headers["ratelimit-policy"], "\"burst\";q=3;w=6");
         let limit = r.headers["ratelimit"].to_str().unwrap();
         assert!(
