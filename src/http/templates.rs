@@ -250,13 +250,31 @@ async fn put(
         return Err(ApiError::Validation(errors));
     }
     let subject = subject.unwrap_or_default();
-    if let Err(problems) = templates::compile(&subject, html.as_deref(), text.as_deref()) {
-        return Err(ApiError::Validation(
-            problems
-                .into_iter()
-                .map(|p| FieldError::new(p.field, p.message))
-                .collect(),
-        ));
+    let compiled =
+        templates::compile(&subject, html.as_deref(), text.as_deref()).map_err(|problems| {
+            ApiError::Validation(
+                problems
+                    .into_iter()
+                    .map(|p| FieldError::new(p.field, p.message))
+                    .collect(),
+            )
+        })?;
+    // A secret the template never reads is a typo that would leave the
+    // real one unmasked in logs, events and listings.
+    let used = templates::variables(&compiled);
+    let unknown: Vec<FieldError> = secret
+        .iter()
+        .enumerate()
+        .filter(|(_, var)| !used.contains(*var))
+        .map(|(i, var)| {
+            FieldError::new(
+                format!("secret[{i}]"),
+                format!("`{var}` is not a variable of this template"),
+            )
+        })
+        .collect();
+    if !unknown.is_empty() {
+        return Err(ApiError::Validation(unknown));
     }
     let version = TemplateVersion {
         name,

@@ -136,10 +136,18 @@ impl Sender {
         templates::choose(&versions, locale, version)
             .cloned()
             .ok_or_else(|| {
-                ApiError::validation(
-                    "template_version",
-                    format!("template `{name}` has no version {version:?} for that locale"),
-                )
+                let which = match (version, locale) {
+                    (Some(v), Some(l)) => format!("no version {v} in locale {l}"),
+                    (Some(v), None) => format!("no version {v}"),
+                    (None, Some(l)) => format!("no version in locale {l}"),
+                    (None, None) => "no version".to_string(),
+                };
+                let field = if version.is_some() {
+                    "template_version"
+                } else {
+                    "locale"
+                };
+                ApiError::validation(field, format!("template `{name}` has {which}"))
             })
     }
 

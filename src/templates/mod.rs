@@ -103,6 +103,15 @@ pub fn compile(
     }
 }
 
+/// The variables a compiled template's parts read from their data.
+pub fn variables(env: &Environment<'static>) -> std::collections::HashSet<String> {
+    PARTS
+        .iter()
+        .filter_map(|part| env.get_template(part).ok())
+        .flat_map(|t| t.undeclared_variables(false))
+        .collect()
+}
+
 impl TemplateEngine {
     pub fn new() -> Self {
         Self::default()

@@ -164,6 +164,18 @@ async fn authoring_errors_and_safe_rendering(stack: Stack) {
         errors[0]
     );
     assert_eq!(errors[1]["field"], "text");
+    // A secret the template never reads (a typo) would leave the real one
+    // unmasked: refused, naming it.
+    let r = app
+        .api
+        .put(
+            "/v1/templates/typo",
+            json!({"subject": "Your code", "text": "Code: {{ code }}", "secret": ["code", "cdoe"]}),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["field"], "secret[1]");
+    assert_eq!(r.body["errors"].as_array().unwrap().len(), 1);
     assert_eq!(
         app.api
             .put(
