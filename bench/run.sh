@@ -21,6 +21,9 @@ QUICK=0; [ "${1:-}" = "--quick" ] && QUICK=1
 if [ $QUICK = 1 ]; then DUR=3s; BASE_DUR=3; SMTP_N=5000; else DUR=20s; BASE_DUR=15; SMTP_N=100000; fi
 RATE=${BENCH_RATE:-1000}
 CLIENTS=${BENCH_CLIENTS:-32}
+# Concurrent deliveries per Mailroom process: the product's default unless
+# BENCH_WORKERS is given.
+WORKERS_ENV=(); [ -n "${BENCH_WORKERS:-}" ] && WORKERS_ENV=(MAILROOM_WORKERS="$BENCH_WORKERS")
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 need=()
@@ -134,7 +137,7 @@ run_mailroom() { # $1 = label, rest = env assignments
   local label=$1; shift
   local data="$WORK/data-$label"; mkdir -p "$data"
   env "$@" MAILROOM_LISTEN=127.0.0.1:$HTTPPORT MAILROOM_DATA_DIR="$data" \
-    MAILROOM_RELAYS="smtp://127.0.0.1:$SINKPORT?tls=none&pool=32" MAILROOM_WORKERS=64 \
+    MAILROOM_RELAYS="smtp://127.0.0.1:$SINKPORT?tls=none&pool=32" "${WORKERS_ENV[@]}" \
     MAILROOM_LOG_FORMAT=json RUST_LOG=warn ./target/release/mailroom serve > "$WORK/$label.log" 2>&1 &
   local pid=$!; PIDS+=($pid)
   wait_port $HTTPPORT
@@ -161,7 +164,7 @@ run_paths() {
   local data="$WORK/data-paths"; mkdir -p "$data"
   local env=(DATABASE_URL="postgres://postgres@127.0.0.1:$PGPORT/paths" REDIS_URL="redis://127.0.0.1:$REDISPORT"
     MAILROOM_REDIS_PREFIX=paths MAILROOM_DATA_DIR="$data" MAILROOM_RELAYS="smtp://127.0.0.1:$SINKPORT?tls=none&pool=32"
-    MAILROOM_WORKERS=64 MAILROOM_LOG_FORMAT=json RUST_LOG=warn)
+    "${WORKERS_ENV[@]}" MAILROOM_LOG_FORMAT=json RUST_LOG=warn)
   local postmaster; postmaster=$(head -1 "$WORK/pg/postmaster.pid")
   $PSQL -c "CREATE DATABASE paths"
   env "${env[@]}" MAILROOM_LISTEN=127.0.0.1:$HTTPPORT ./target/release/mailroom api > "$WORK/paths-api.log" 2>&1 &

@@ -70,7 +70,7 @@ pub struct Settings {
     /// DKIM keys per From domain, comma-separated domain:selector:/path/to/key.pem (RSA or Ed25519) [default: none, mail is not signed]
     #[arg(long, global = true, env = "MAILROOM_DKIM_KEYS")]
     pub dkim_keys: Option<String>,
-    /// Concurrent deliveries per process [default: 64]
+    /// Concurrent deliveries per process, claimed ahead of the relays' connections (which serve high-priority mail first) [default: 128]
     #[arg(long, global = true, env = "MAILROOM_WORKERS")]
     pub workers: Option<usize>,
     /// Delays between delivery attempts, last repeats [default: 30s,2m,10m,30m,1h,2h,4h]

@@ -307,7 +307,12 @@ impl Worker {
                 continue;
             }
             let attempts: Vec<Attempt> = chain
-                .deliver(&claim.mail_from, &r.email, claim.mime.as_bytes())
+                .deliver(
+                    &claim.mail_from,
+                    &r.email,
+                    claim.mime.as_bytes(),
+                    message.priority,
+                )
                 .await;
             let Some(last) = attempts.last() else {
                 continue;

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 
 use super::Relay;
-use crate::domain::{Attempt, Outcome};
+use crate::domain::{Attempt, Outcome, Priority};
 
 pub struct CaptureRelay;
 
@@ -16,7 +16,7 @@ impl Relay for CaptureRelay {
         CAPTURE
     }
 
-    async fn send(&self, _mail_from: &str, _rcpt_to: &str, _mime: &[u8]) -> Attempt {
+    async fn send(&self, _from: &str, _to: &str, _mime: &[u8], _priority: Priority) -> Attempt {
         Attempt {
             relay: CAPTURE.to_string(),
             outcome: Outcome::Delivered,

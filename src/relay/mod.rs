@@ -6,6 +6,7 @@
 mod capture;
 mod config;
 mod pool;
+mod slots;
 mod smtp;
 
 use std::sync::Arc;
@@ -16,14 +17,21 @@ pub use capture::CaptureRelay;
 pub use config::{RelayConfig, TlsMode};
 pub use smtp::SmtpRelay;
 
-use crate::domain::{Attempt, Outcome};
+use crate::domain::{Attempt, Outcome, Priority};
 
 #[async_trait]
 pub trait Relay: Send + Sync {
     /// Name recorded on attempts (never contains credentials).
     fn name(&self) -> &str;
-    /// Hands one message to one recipient.
-    async fn send(&self, mail_from: &str, rcpt_to: &str, mime: &[u8]) -> Attempt;
+    /// Hands one message to one recipient. When deliveries queue for the
+    /// relay's connections, `priority` orders them.
+    async fn send(
+        &self,
+        mail_from: &str,
+        rcpt_to: &str,
+        mime: &[u8],
+        priority: Priority,
+    ) -> Attempt;
 }
 
 /// Relays in priority order.
@@ -65,10 +73,16 @@ impl RelayChain {
 
     /// Tries each relay until one gives a non-transient answer. Every try is
     /// returned, in order; the last one decides.
-    pub async fn deliver(&self, mail_from: &str, rcpt_to: &str, mime: &[u8]) -> Vec<Attempt> {
+    pub async fn deliver(
+        &self,
+        mail_from: &str,
+        rcpt_to: &str,
+        mime: &[u8],
+        priority: Priority,
+    ) -> Vec<Attempt> {
         let mut attempts = Vec::with_capacity(1);
         for relay in &self.relays {
-            let attempt = relay.send(mail_from, rcpt_to, mime).await;
+            let attempt = relay.send(mail_from, rcpt_to, mime, priority).await;
             let done = attempt.outcome != Outcome::Transient;
             attempts.push(attempt);
             if done {

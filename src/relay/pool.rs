@@ -28,8 +28,10 @@ use lettre::transport::smtp::response::Response;
 use lettre::transport::smtp::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+
+use super::slots::{Slot, Slots};
+use crate::domain::Priority;
 
 /// Reused without a check when last used this recently.
 const FRESH: Duration = Duration::from_secs(5);
@@ -54,7 +56,7 @@ pub struct Lease {
     pub conn: Connection,
     /// True when the connection was opened for this lease.
     pub fresh: bool,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 /// An open SMTP session and what its server offers beyond lettre's view.
@@ -68,7 +70,7 @@ pub struct Pool {
     endpoint: Endpoint,
     hello: ClientId,
     idle: Mutex<Vec<(Connection, Instant)>>,
-    slots: std::sync::Arc<Semaphore>,
+    slots: Slots,
 }
 
 impl Pool {
@@ -77,18 +79,17 @@ impl Pool {
             endpoint,
             hello: ClientId::default(),
             idle: Mutex::new(Vec::new()),
-            slots: std::sync::Arc::new(Semaphore::new(size.max(1) as usize)),
+            slots: Slots::new(size as usize),
         }
     }
 
-    /// Waits for a slot, then reuses an idle connection or opens one.
-    pub async fn get(&self) -> Result<Lease, ConnectError> {
-        let slot = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ConnectError::Io(io::Error::other("the connection pool is closed")))?;
+    /// Waits for a connection slot, served by priority (see `slots`).
+    pub async fn slot(&self, priority: Priority) -> Slot {
+        self.slots.acquire(priority).await
+    }
+
+    /// Reuses an idle connection or opens one, in the slot taken.
+    pub async fn get(&self, slot: Slot) -> Result<Lease, ConnectError> {
         while let Some((mut conn, since)) = self.take_idle() {
             let idle = since.elapsed();
             if idle > MAX_IDLE || conn.smtp.has_broken() {

@@ -17,8 +17,9 @@ use lettre::transport::smtp::response::Response;
 use lettre::Address;
 
 use super::pool::{ConnectError, Connection, Endpoint, Pool};
+use super::slots::Slot;
 use super::{Relay, RelayConfig, TlsMode};
-use crate::domain::{Attempt, Outcome};
+use crate::domain::{Attempt, Outcome, Priority};
 
 pub struct SmtpRelay {
     name: String,
@@ -80,11 +81,12 @@ impl SmtpRelay {
     /// the server saw anything is replaced once.
     async fn hand_off(
         &self,
+        slot: Slot,
         from: &Address,
         to: &Address,
         mime: &[u8],
     ) -> Result<Response, Failure> {
-        let mut lease = self.pool.get().await.map_err(Failure::Connect)?;
+        let mut lease = self.pool.get(slot).await.map_err(Failure::Connect)?;
         loop {
             match transact(&mut lease.conn, from, to, mime).await {
                 Ok(response) => {
@@ -265,7 +267,13 @@ impl Relay for SmtpRelay {
         &self.name
     }
 
-    async fn send(&self, mail_from: &str, rcpt_to: &str, mime: &[u8]) -> Attempt {
+    async fn send(
+        &self,
+        mail_from: &str,
+        rcpt_to: &str,
+        mime: &[u8],
+        priority: Priority,
+    ) -> Attempt {
         let started = Instant::now();
         let (Ok(from), Ok(to)) = (mail_from.parse::<Address>(), rcpt_to.parse::<Address>()) else {
             return self.attempt(
@@ -275,7 +283,10 @@ impl Relay for SmtpRelay {
                 started,
             );
         };
-        let sent = tokio::time::timeout(self.deadline, self.hand_off(&from, &to, mime)).await;
+        // The deadline is the transaction's: waiting for a connection behind
+        // other deliveries is not the relay being slow.
+        let slot = self.pool.slot(priority).await;
+        let sent = tokio::time::timeout(self.deadline, self.hand_off(slot, &from, &to, mime)).await;
         let Ok(sent) = sent else {
             return self.attempt(
                 Outcome::Transient,

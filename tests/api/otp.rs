@@ -17,6 +17,7 @@ on_both_stacks!(
     expires_instead_of_failing,
     collapse_key_keeps_only_the_latest,
     high_priority_overtakes_bulk_backlog,
+    codes_go_first_to_a_busy_relay,
 );
 
 fn now_secs() -> f64 {
@@ -266,5 +267,45 @@ async fn high_priority_overtakes_bulk_backlog(stack: Stack) {
     );
     app.api.wait_status(&id, "delivered").await;
     assert_eq!(app.api.message(&id).await["priority"], "high");
+    app.stop().await;
+}
+
+/// Deliveries claimed ahead of a busy relay queue for its connections: a
+/// code goes to the front of that queue, not behind the bulk mail already
+/// claimed. One connection, 16 workers, bulk mail that takes the relay
+/// 100 ms each: in arrival order the code would follow up to 15 of them.
+async fn codes_go_first_to_a_busy_relay(stack: Stack) {
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start();
+    let app = TestApp::start(&env, Some(format!("{}&pool=1", smtp.relay()))).await;
+    let messages: Vec<serde_json::Value> = (0..60)
+        .map(|i| json!({"subject": "Newsletter", "text": "news", "from": "news@acme.test", "to": format!("slow100-{i}@example.com"), "priority": "bulk"}))
+        .collect();
+    let r = app
+        .api
+        .post("/v1/send/batch", json!({"messages": messages}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Wait until the workers hold the relay busy, then send a code.
+    eventually(Duration::from_secs(20), "bulk mail under way", || async {
+        (smtp.messages().await.len() >= 3).then_some(())
+    })
+    .await;
+    app.api.send(code_to("vip@example.com")).await;
+    smtp.wait_for("vip@example.com").await;
+    let received = smtp.messages().await;
+    let vip = received
+        .iter()
+        .position(|m| m["subject"] != "Newsletter")
+        .expect("the code was received");
+    let bulk_before = vip;
+    println!("relay queue: the code reached SMTP after {bulk_before} bulk messages ({stack:?})");
+    // The bulk mail already at the relay when the code was sent, the one in
+    // its connection when the code was claimed, and no more than a couple
+    // that were given the connection while the code was being claimed.
+    assert!(
+        bulk_before <= 8,
+        "the code waited behind {bulk_before} bulk messages"
+    );
     app.stop().await;
 }
