@@ -249,7 +249,9 @@ impl Worker {
         outcomes: &Outcomes,
         slot: OwnedSemaphorePermit,
     ) {
-        let report = self.deliver(&claim, suppressed).await;
+        let report = self
+            .holding_lease(&claim.message.id, self.deliver(&claim, suppressed))
+            .await;
         // The slot goes back once the relay has answered, so the next
         // delivery overlaps this one's outcome transaction (a group commit
         // that lingers for company); the lease, the task tracker and the
@@ -270,6 +272,28 @@ impl Worker {
             }
             Err(e) => {
                 tracing::error!(error = %e, "could not record delivery; lease will expire and it will be retried")
+            }
+        }
+    }
+
+    /// Runs `work` (a delivery) while extending the message's lease every
+    /// half lease. A delivery may wait for a relay connection behind others
+    /// claimed ahead of it, or on a slow relay, for longer than one lease;
+    /// without this the sweeper would hand the message to a second
+    /// delivery and it would be sent twice.
+    async fn holding_lease<T>(&self, id: &str, work: impl std::future::Future<Output = T>) -> T {
+        let mut work = std::pin::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = tokio::time::sleep(self.lease / 2) => {
+                    let until = now_ms() + self.lease.as_millis() as i64;
+                    match self.store.extend_lease(id, &self.owner, until).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!("lease lost during delivery; the message may be sent twice"),
+                        Err(e) => tracing::warn!(error = %e, "could not extend the lease"),
+                    }
+                }
             }
         }
     }

@@ -136,6 +136,9 @@ pub trait DeliveryStore: Send + Sync {
     /// Releases every lease: only for a store no other process can use
     /// (embedded mode), after a restart.
     async fn release_leases(&self) -> StoreResult<u64>;
+    /// Extends the lease `owner` holds on a message being delivered to
+    /// `until`; false if it holds it no longer (it ended or was taken over).
+    async fn extend_lease(&self, id: &str, owner: &str, until: Millis) -> StoreResult<bool>;
     /// Marks waiting recipients whose `expires_at` has passed as expired.
     async fn expire_overdue(&self, now: Millis, limit: i64) -> StoreResult<u64>;
     async fn suppressed(&self, emails: &[String]) -> StoreResult<Vec<String>>;

@@ -18,6 +18,7 @@ on_both_stacks!(
     collapse_key_keeps_only_the_latest,
     high_priority_overtakes_bulk_backlog,
     codes_go_first_to_a_busy_relay,
+    leases_outlast_a_long_wait_for_the_relay,
 );
 
 fn now_secs() -> f64 {
@@ -307,5 +308,49 @@ async fn codes_go_first_to_a_busy_relay(stack: Stack) {
         bulk_before <= 8,
         "the code waited behind {bulk_before} bulk messages"
     );
+    app.stop().await;
+}
+
+/// A delivery that waits for a relay connection longer than its lease (5 s
+/// here) keeps the message: its lease is extended while it waits, so the
+/// sweeper does not hand the message to a second delivery and nothing is
+/// sent twice. One connection, 2 s per message, eight messages: the last
+/// waits ~14 s.
+async fn leases_outlast_a_long_wait_for_the_relay(stack: Stack) {
+    let env = Env::new(stack).await;
+    let smtp = Smtp::start();
+    let app = TestApp::start(&env, Some(format!("{}&pool=1", smtp.relay()))).await;
+    let messages: Vec<serde_json::Value> = (0..8)
+        .map(|i| json!({"subject": "Slow", "text": "x", "from": "news@acme.test", "to": format!("slow2000-{i}@example.com")}))
+        .collect();
+    let r = app
+        .api
+        .post("/v1/send/batch", json!({"messages": messages}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ids: Vec<String> = r.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    for id in &ids {
+        eventually(Duration::from_secs(40), "delivered", || async {
+            (app.api.message(id).await["status"] == "delivered").then_some(())
+        })
+        .await;
+    }
+    // Anything sent twice would reach the server within its 2 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut seen = std::collections::HashMap::new();
+    for m in smtp.messages().await {
+        *seen.entry(m["rcpt_to"].to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 8, "{seen:?}");
+    assert!(seen.values().all(|n| *n == 1), "sent twice: {seen:?}");
+    for id in &ids {
+        let m = app.api.message(id).await;
+        assert_eq!(m["attempts"].as_array().unwrap().len(), 1, "{m}");
+    }
     app.stop().await;
 }

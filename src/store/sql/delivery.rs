@@ -412,6 +412,20 @@ impl DeliveryStore for SqlStore {
         Ok(done.rows_affected())
     }
 
+    async fn extend_lease(&self, id: &str, owner: &str, until: Millis) -> StoreResult<bool> {
+        // No indexed column changes: a HOT update on Postgres.
+        let done = sqlx::query(
+            "UPDATE messages SET lease_until = $1 WHERE id = $2 AND lease_owner = $3 \
+             AND lease_until IS NOT NULL",
+        )
+        .bind(until)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn expire_overdue(&self, now: Millis, limit: i64) -> StoreResult<u64> {
         let found = sqlx::query(&format!(
             "SELECT id FROM messages WHERE expires_at IS NOT NULL AND expires_at <= $1 \
