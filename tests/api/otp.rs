@@ -271,22 +271,38 @@ async fn high_priority_overtakes_bulk_backlog(stack: Stack) {
     app.stop().await;
 }
 
-/// Deliveries claimed ahead of a busy relay queue for its connections: a
-/// code goes to the front of that queue, not behind the bulk mail already
-/// claimed. One connection, 16 workers, bulk mail that takes the relay
-/// 100 ms each: in arrival order the code would follow up to 15 of them.
-async fn codes_go_first_to_a_busy_relay(stack: Stack) {
+/// An app (16 workers) whose relay has one connection, with `messages`
+/// accepted in one batch; their ids.
+async fn one_connection_relay_with(
+    stack: Stack,
+    messages: Vec<serde_json::Value>,
+) -> (Env, Smtp, TestApp, Vec<String>) {
     let env = Env::new(stack).await;
     let smtp = Smtp::start();
     let app = TestApp::start(&env, Some(format!("{}&pool=1", smtp.relay()))).await;
-    let messages: Vec<serde_json::Value> = (0..60)
-        .map(|i| json!({"subject": "Newsletter", "text": "news", "from": "news@acme.test", "to": format!("slow100-{i}@example.com"), "priority": "bulk"}))
-        .collect();
     let r = app
         .api
         .post("/v1/send/batch", json!({"messages": messages}))
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
+    let ids = r.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().expect("accepted").to_string())
+        .collect();
+    (env, smtp, app, ids)
+}
+
+/// Deliveries claimed ahead of a busy relay queue for its connections: a
+/// code goes to the front of that queue, not behind the bulk mail already
+/// claimed. One connection, 16 workers, bulk mail that takes the relay
+/// 100 ms each: in arrival order the code would follow up to 15 of them.
+async fn codes_go_first_to_a_busy_relay(stack: Stack) {
+    let bulk = (0..60)
+        .map(|i| json!({"subject": "Newsletter", "text": "news", "from": "news@acme.test", "to": format!("slow100-{i}@example.com"), "priority": "bulk"}))
+        .collect();
+    let (_env, smtp, app, _) = one_connection_relay_with(stack, bulk).await;
     // Wait until the workers hold the relay busy, then send a code.
     eventually(Duration::from_secs(20), "bulk mail under way", || async {
         (smtp.messages().await.len() >= 3).then_some(())
@@ -317,23 +333,10 @@ async fn codes_go_first_to_a_busy_relay(stack: Stack) {
 /// sent twice. One connection, 2 s per message, eight messages: the last
 /// waits ~14 s.
 async fn leases_outlast_a_long_wait_for_the_relay(stack: Stack) {
-    let env = Env::new(stack).await;
-    let smtp = Smtp::start();
-    let app = TestApp::start(&env, Some(format!("{}&pool=1", smtp.relay()))).await;
-    let messages: Vec<serde_json::Value> = (0..8)
+    let slow = (0..8)
         .map(|i| json!({"subject": "Slow", "text": "x", "from": "news@acme.test", "to": format!("slow2000-{i}@example.com")}))
         .collect();
-    let r = app
-        .api
-        .post("/v1/send/batch", json!({"messages": messages}))
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let ids: Vec<String> = r.body["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect();
+    let (_env, smtp, app, ids) = one_connection_relay_with(stack, slow).await;
     for id in &ids {
         eventually(Duration::from_secs(40), "delivered", || async {
             (app.api.message(id).await["status"] == "delivered").then_some(())
