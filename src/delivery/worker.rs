@@ -3,7 +3,6 @@
 //! outcome in one transaction, then acknowledge. Never holds a transaction
 //! across SMTP. On shutdown it stops taking work and finishes what it holds.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -176,19 +175,15 @@ impl Worker {
         let Some(claims) = self.claim(&jobs, &outcomes.acks).await else {
             return;
         };
-        let suppressed = Arc::new(self.suppressed(&claims).await);
         for (job, claim) in claims {
             let Some(permit) = held.split(1) else { break };
             let worker = self.clone();
             let outcomes = outcomes.clone();
-            let suppressed = suppressed.clone();
             let span =
                 tracing::info_span!("delivery", message_id = %job.id, lane = job.lane.as_str());
             tasks.spawn(
                 async move {
-                    worker
-                        .process(job, claim, &suppressed, &outcomes, permit)
-                        .await;
+                    worker.process(job, claim, &outcomes, permit).await;
                 }
                 .instrument(span),
             );
@@ -226,31 +221,15 @@ impl Worker {
         Some(out)
     }
 
-    /// The suppressed addresses among a batch's recipients (one lookup).
-    async fn suppressed(&self, claims: &[(Job, Claim)]) -> HashSet<String> {
-        let emails: Vec<String> = claims
-            .iter()
-            .flat_map(|(_, c)| c.recipients.iter().map(|r| r.email.clone()))
-            .collect();
-        match self.store.suppressed(&emails).await {
-            Ok(list) => list.into_iter().collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "suppression lookup failed; treating as not suppressed");
-                HashSet::new()
-            }
-        }
-    }
-
     async fn process(
         &self,
         job: Job,
         claim: Claim,
-        suppressed: &HashSet<String>,
         outcomes: &Outcomes,
         slot: OwnedSemaphorePermit,
     ) {
         let report = self
-            .holding_lease(&claim.message.id, self.deliver(&claim, suppressed))
+            .holding_lease(&claim.message.id, self.deliver(&claim))
             .await;
         // The slot goes back once the relay has answered, so the next
         // delivery overlaps this one's outcome transaction (a group commit
@@ -298,7 +277,7 @@ impl Worker {
         }
     }
 
-    async fn deliver(&self, claim: &Claim, suppressed: &HashSet<String>) -> DeliveryReport {
+    async fn deliver(&self, claim: &Claim) -> DeliveryReport {
         let message = &claim.message;
         let captured = message.mode == KeyMode::Test || self.relays_capture;
         let chain = if message.mode == KeyMode::Test {
@@ -323,7 +302,7 @@ impl Worker {
                 results.push(ended(Status::Expired, "expired"));
                 continue;
             }
-            if suppressed.contains(&r.email.to_lowercase()) {
+            if claim.suppressed.contains(&r.email.to_lowercase()) {
                 results.push(ended(
                     Status::Suppressed,
                     "address is on the suppression list",

@@ -141,7 +141,6 @@ pub trait DeliveryStore: Send + Sync {
     async fn extend_lease(&self, id: &str, owner: &str, until: Millis) -> StoreResult<bool>;
     /// Marks waiting recipients whose `expires_at` has passed as expired.
     async fn expire_overdue(&self, now: Millis, limit: i64) -> StoreResult<u64>;
-    async fn suppressed(&self, emails: &[String]) -> StoreResult<Vec<String>>;
     async fn queue_stats(&self, now: Millis) -> StoreResult<QueueStats>;
 }
 

@@ -173,6 +173,9 @@ pub struct Claim {
     pub mime: String,
     pub mail_from: String,
     pub recipients: Vec<RecipientRecord>,
+    /// Those of `recipients` on the suppression list (lowercased), read in
+    /// the claim's own transaction: a message is never claimed without it.
+    pub suppressed: std::collections::HashSet<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -1,7 +1,7 @@
 //! The delivery side of the store: claim with a lease (a conditional UPDATE,
 //! never a lock held across SMTP), record outcomes, sweep lost work, expire.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use sqlx::{AnyConnection, Connection, Row};
@@ -121,6 +121,25 @@ impl SqlStore {
         }
         Ok(by_message)
     }
+}
+
+/// The addresses among `recipients` that are on the suppression list
+/// (lowercased, as the list stores them).
+async fn suppressed_among(
+    tx: &mut AnyConnection,
+    recipients: impl Iterator<Item = &RecipientRecord>,
+) -> StoreResult<HashSet<String>> {
+    let mut lower: Vec<String> = recipients.map(|r| r.email.to_lowercase()).collect();
+    lower.sort_unstable();
+    lower.dedup();
+    let keys: Vec<&str> = lower.iter().map(String::as_str).collect();
+    let rows = batch::select_in(
+        tx,
+        "SELECT email FROM suppressions WHERE email IN ({keys})",
+        &keys,
+    )
+    .await?;
+    rows.iter().map(|row| Ok(row.try_get("email")?)).collect()
 }
 
 /// A message taken by a claim, with what delivery needs beyond its record.
@@ -284,6 +303,7 @@ impl DeliveryStore for SqlStore {
         let taken = Self::lease_messages(&mut tx, &ids, owner, now, lease_until).await?;
         let taken_ids: Vec<&str> = taken.iter().map(|l| l.message.id.as_str()).collect();
         let mut recipients = Self::take_recipients(&mut tx, &taken_ids, now).await?;
+        let suppressed = suppressed_among(&mut tx, recipients.values().flatten()).await?;
         let mut claims = Vec::with_capacity(taken.len());
         let mut nothing_due = Vec::new();
         for Leased {
@@ -297,11 +317,17 @@ impl DeliveryStore for SqlStore {
                     let mime = mime.ok_or_else(|| {
                         StoreError::Corrupt(format!("message {} has no MIME", message.id))
                     })?;
+                    let suppressed = due
+                        .iter()
+                        .map(|r| r.email.to_lowercase())
+                        .filter(|e| suppressed.contains(e))
+                        .collect();
                     claims.push(Claim {
                         message,
                         mime,
                         mail_from,
                         recipients: due,
+                        suppressed,
                     });
                 }
                 None => nothing_due.push(message.id),
@@ -450,25 +476,6 @@ impl DeliveryStore for SqlStore {
             tx.commit().await?;
         }
         Ok(expired)
-    }
-
-    async fn suppressed(&self, emails: &[String]) -> StoreResult<Vec<String>> {
-        let mut lower: Vec<String> = emails.iter().map(|e| e.to_lowercase()).collect();
-        lower.sort_unstable();
-        lower.dedup();
-        if lower.is_empty() {
-            return Ok(Vec::new());
-        }
-        let keys: Vec<&str> = lower.iter().map(String::as_str).collect();
-        let mut conn = self.hot.get(&self.pool).await?;
-        let rows = batch::select_in(
-            &mut conn,
-            "SELECT email FROM suppressions WHERE email IN ({keys})",
-            &keys,
-        )
-        .await?;
-        conn.keep();
-        rows.iter().map(|row| Ok(row.try_get("email")?)).collect()
     }
 
     async fn queue_stats(&self, now: Millis) -> StoreResult<QueueStats> {
