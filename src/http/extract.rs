@@ -233,17 +233,19 @@ pub fn page(
 /// next page starts after the cursor's key, so an item deleted between
 /// two pages moves nothing.
 pub fn page_sorted(
-    mut items: Vec<Value>,
+    items: Vec<Value>,
     params: &Params,
     key: impl Fn(&Value) -> String,
 ) -> Result<Value, ApiError> {
     let limit = params.limit()?;
     let after = params.str("cursor");
-    items.sort_by_cached_key(&key);
-    let rest: Vec<Value> = items
+    let mut keyed: Vec<(String, Value)> = items.into_iter().map(|v| (key(&v), v)).collect();
+    keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    let rest: Vec<Value> = keyed
         .into_iter()
-        .filter(|v| after.is_none_or(|c| key(v).as_str() > c))
+        .filter(|(k, _)| after.is_none_or(|c| k.as_str() > c))
         .take(usize::try_from(limit).unwrap_or(0) + 1)
+        .map(|(_, v)| v)
         .collect();
     Ok(page(rest, limit, |v| Some(key(v))))
 }

@@ -144,26 +144,22 @@ async fn respond(
     rate: Option<RateDecision>,
     result: Result<Accepted, ApiError>,
 ) -> Response {
-    let accepted = match result {
-        Ok(accepted) => accepted,
+    let (mut response, counted, replayed) = match result {
+        Ok(a) => (
+            (a.status, Json(a.body)).into_response(),
+            a.quota_used,
+            a.replayed,
+        ),
         Err(e @ (ApiError::RateLimited { .. } | ApiError::Unavailable(_))) => {
             return e.into_response();
         }
-        Err(e) => {
-            let used = quota_used(state, key, None).await;
-            let mut response = e.into_response();
-            response
-                .headers_mut()
-                .extend(ratelimit_headers(key, rate.as_ref(), used));
-            return response;
-        }
+        Err(e) => (e.into_response(), None, false),
     };
-    let used = quota_used(state, key, accepted.quota_used).await;
-    let mut response = (accepted.status, Json(accepted.body)).into_response();
+    let used = quota_used(state, key, counted).await;
     response
         .headers_mut()
         .extend(ratelimit_headers(key, rate.as_ref(), used));
-    if accepted.replayed {
+    if replayed {
         response.headers_mut().insert(
             HeaderName::from_static("idempotent-replayed"),
             HeaderValue::from_static("true"),

@@ -250,15 +250,8 @@ async fn put(
         return Err(ApiError::Validation(errors));
     }
     let subject = subject.unwrap_or_default();
-    let compiled =
-        templates::compile(&subject, html.as_deref(), text.as_deref()).map_err(|problems| {
-            ApiError::Validation(
-                problems
-                    .into_iter()
-                    .map(|p| FieldError::new(p.field, p.message))
-                    .collect(),
-            )
-        })?;
+    let compiled = templates::compile(&subject, html.as_deref(), text.as_deref())
+        .map_err(crate::sending::template_problems)?;
     // A secret the template never reads is a typo that would leave the
     // real one unmasked in logs, events and listings.
     let used = templates::variables(&compiled);

@@ -74,7 +74,8 @@ pub struct Preview {
     pub mime_bytes: usize,
 }
 
-fn template_problems(problems: Vec<TemplateProblem>) -> ApiError {
+/// A template's compile or render problems as a 422 naming each part.
+pub fn template_problems(problems: Vec<TemplateProblem>) -> ApiError {
     ApiError::Validation(
         problems
             .into_iter()
