@@ -120,7 +120,10 @@ impl ApiError {
                 "Validation failed",
                 errors
                     .iter()
-                    .map(|e| format!("{}: {}", e.field, e.message))
+                    .map(|e| match e.field.as_str() {
+                        "" => e.message.clone(),
+                        field => format!("{field}: {}", e.message),
+                    })
                     .collect::<Vec<_>>()
                     .join("; "),
             ),
@@ -184,6 +187,13 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if matches!(self, ApiError::Unauthorized) {
+            // RFC 6750 §3: a 401 names the scheme the client must use.
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"mailroom\""),
+            );
+        }
         if let Some(seconds) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
         }

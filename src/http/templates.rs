@@ -210,8 +210,9 @@ async fn put(
     )?;
     let mut errors = Vec::new();
     let subject = opt_str(obj, "subject", &mut errors);
-    let html = opt_str(obj, "html", &mut errors);
-    let text = opt_str(obj, "text", &mut errors);
+    // An empty body is no body (no empty part in every message).
+    let html = opt_str(obj, "html", &mut errors).filter(|b| !b.trim().is_empty());
+    let text = opt_str(obj, "text", &mut errors).filter(|b| !b.trim().is_empty());
     let locale = opt_str(obj, "locale", &mut errors).unwrap_or_else(|| "en".to_string());
     let description = opt_str(obj, "description", &mut errors);
     let priority = opt_str(obj, "priority", &mut errors);
@@ -227,7 +228,7 @@ async fn put(
     if html.is_none() && text.is_none() {
         errors.push(FieldError::new(
             "html",
-            "html or text (or both) is required",
+            "a non-empty html or text (or both) is required",
         ));
     }
     if !is_locale(&locale) {
@@ -310,6 +311,20 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// A render request names the version `version` (a send names it
+/// `template_version`): its problems name the field the client sent.
+fn name_render_fields(error: ApiError) -> ApiError {
+    match error {
+        ApiError::Validation(mut errors) => {
+            for e in errors.iter_mut().filter(|e| e.field == "template_version") {
+                e.field = "version".to_string();
+            }
+            ApiError::Validation(errors)
+        }
+        other => other,
+    }
+}
+
 async fn render(
     State(state): State<AppState>,
     auth: Auth,
@@ -347,7 +362,8 @@ async fn render(
     let preview = state
         .sender
         .preview(&name, &data, locale.as_deref(), version)
-        .await?;
+        .await
+        .map_err(name_render_fields)?;
     Ok(Json(json!({
         "subject": preview.rendered.subject,
         "html": preview.rendered.html,

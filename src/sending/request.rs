@@ -402,8 +402,10 @@ fn attachments(obj: &Map<String, Value>, max_bytes: usize, errors: &mut Errors) 
 fn content(obj: &Map<String, Value>, errors: &mut Errors) -> Option<Content> {
     let template = opt_string(obj, "template", errors);
     let subject = opt_string(obj, "subject", errors);
-    let html = opt_string(obj, "html", errors);
-    let text = opt_string(obj, "text", errors);
+    // A body with nothing in it is no body: `"html": ""` beside a text
+    // part adds no empty part, and alone it is no content at all.
+    let html = opt_string(obj, "html", errors).filter(|b| !b.trim().is_empty());
+    let text = opt_string(obj, "text", errors).filter(|b| !b.trim().is_empty());
     if let Some(name) = template {
         for inline in ["subject", "html", "text"] {
             if obj.get(inline).is_some_and(|v| !v.is_null()) {
@@ -464,7 +466,7 @@ fn content(obj: &Map<String, Value>, errors: &mut Errors) -> Option<Content> {
         );
     }
     if html.is_none() && text.is_none() {
-        errors.add("html", "html or text is required with subject");
+        errors.add("html", "a non-empty html or text is required with subject");
     }
     Some(Content::Inline {
         subject,

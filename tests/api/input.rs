@@ -184,6 +184,10 @@ async fn bad_input_is_refused_cleanly(stack: Stack) {
     assert_eq!(anon.status(), 401);
     assert_eq!(anon.headers()["content-type"], "application/problem+json");
     assert_eq!(
+        anon.headers()["www-authenticate"],
+        "Bearer realm=\"mailroom\""
+    );
+    assert_eq!(
         app.api
             .with_key("mr_nope_nope")
             .post("/v1/send", code_to("x@example.com"))
