@@ -112,8 +112,41 @@ async fn create_key(config: Config, args: KeyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Runs the command; an error ends the process with status 1 and its
+/// message and causes on stderr, never a backtrace (`RUST_BACKTRACE` is
+/// for panics: a bad setting or an unreachable database is not one).
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("Error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {}", message_chain(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes, each once (many errors here already print
+/// their source in their own message).
+fn message_chain(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message.push_str(": ");
+            message.push_str(&cause);
+        }
+    }
+    message
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = load_config(&cli)?;
     mailroom::telemetry::init(config.log_format);
@@ -129,5 +162,23 @@ async fn main() -> anyhow::Result<()> {
         Command::Keys {
             command: KeysCommand::Create(args),
         } => create_key(config, args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::message_chain;
+
+    #[test]
+    fn an_error_is_told_with_each_cause_once() {
+        let inner = anyhow::anyhow!("pool timed out");
+        let repeats = inner.context("store unavailable: pool timed out");
+        let told = repeats.context("connecting to the database");
+        assert_eq!(
+            message_chain(&told),
+            "connecting to the database: store unavailable: pool timed out"
+        );
+        let plain = anyhow::anyhow!("refused").context("connecting to the relay");
+        assert_eq!(message_chain(&plain), "connecting to the relay: refused");
     }
 }
