@@ -29,6 +29,8 @@ pub fn routes(r: Routes) -> Routes {
         .post("/v1/webhooks/{id}/rotate-secret", rotate)
         .get("/v1/webhooks/{id}/deliveries", deliveries)
         .post("/v1/webhooks/{id}/deliveries/{delivery_id}/retry", retry)
+        // PRODUCT.md calls it a replay: both names answer.
+        .post("/v1/webhooks/{id}/deliveries/{delivery_id}/replay", retry)
         .post("/v1/webhooks/{id}/test", test)
 }
 

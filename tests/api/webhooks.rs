@@ -116,6 +116,20 @@ async fn signed_and_retried_with_one_id(stack: Stack) {
     })
     .await;
     assert_eq!(receiver.received().await[3]["id"], got[0]["id"]);
+    // `.../replay` is the same as `.../retry` (PRODUCT.md's word for it).
+    let replay = app
+        .api
+        .post(
+            &format!("/v1/webhooks/{hook}/deliveries/{did}/replay"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(replay.status, 202, "{}", replay.body);
+    eventually(Duration::from_secs(30), "the second replay", || async {
+        (receiver.received().await.len() >= 5).then_some(())
+    })
+    .await;
+    assert_eq!(receiver.received().await[4]["id"], got[0]["id"]);
     // Test event.
     assert_eq!(
         app.api
