@@ -311,20 +311,6 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A render request names the version `version` (a send names it
-/// `template_version`): its problems name the field the client sent.
-fn name_render_fields(error: ApiError) -> ApiError {
-    match error {
-        ApiError::Validation(mut errors) => {
-            for e in errors.iter_mut().filter(|e| e.field == "template_version") {
-                e.field = "version".to_string();
-            }
-            ApiError::Validation(errors)
-        }
-        other => other,
-    }
-}
-
 async fn render(
     State(state): State<AppState>,
     auth: Auth,
@@ -362,8 +348,7 @@ async fn render(
     let preview = state
         .sender
         .preview(&name, &data, locale.as_deref(), version)
-        .await
-        .map_err(name_render_fields)?;
+        .await?;
     Ok(Json(json!({
         "subject": preview.rendered.subject,
         "html": preview.rendered.html,

@@ -120,12 +120,15 @@ impl Sender {
         self.template_cache.forget(name);
     }
 
-    /// Finds the template version a request asks for.
+    /// Finds the template version a request asks for; a problem with the
+    /// version names `version_field`, the request's own name for it (a
+    /// send's `template_version`, a render's `version`).
     pub async fn resolve_template(
         &self,
         name: &str,
         locale: Option<&str>,
         version: Option<i64>,
+        version_field: &'static str,
     ) -> Result<TemplateVersion, ApiError> {
         let versions = self.template_versions(name).await?;
         if versions.is_empty() {
@@ -144,7 +147,7 @@ impl Sender {
                     (None, None) => "no version".to_string(),
                 };
                 let field = if version.is_some() {
-                    "template_version"
+                    version_field
                 } else {
                     "locale"
                 };
@@ -190,7 +193,7 @@ impl Sender {
                 data,
             } => {
                 let t = self
-                    .resolve_template(name, locale.as_deref(), *version)
+                    .resolve_template(name, locale.as_deref(), *version, "template_version")
                     .await?;
                 let rendered = self.templates.render(&t, data).map_err(template_problems)?;
                 let redacted = match templates::redacted_data(&t.secret, data) {
@@ -557,7 +560,9 @@ impl Sender {
         locale: Option<&str>,
         version: Option<i64>,
     ) -> Result<Preview, ApiError> {
-        let t = self.resolve_template(name, locale, version).await?;
+        let t = self
+            .resolve_template(name, locale, version, "version")
+            .await?;
         let rendered = self.templates.render(&t, data).map_err(template_problems)?;
         let from = self
             .settings
