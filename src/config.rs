@@ -70,7 +70,7 @@ pub struct Settings {
     /// DKIM keys per From domain, comma-separated domain:selector:/path/to/key.pem (RSA or Ed25519) [default: none, mail is not signed]
     #[arg(long, global = true, env = "MAILROOM_DKIM_KEYS")]
     pub dkim_keys: Option<String>,
-    /// Concurrent deliveries per process, claimed ahead of the relays' connections (which serve high-priority mail first) [default: 128]
+    /// Concurrent deliveries per process, claimed ahead of the relays' connections (which serve high-priority mail first) [default: 8 per connection of the largest relay pool, at least 128]
     #[arg(long, global = true, env = "MAILROOM_WORKERS")]
     pub workers: Option<usize>,
     /// Delays between delivery attempts, last repeats [default: 30s,2m,10m,30m,1h,2h,4h]
@@ -290,6 +290,21 @@ fn required<T>(setting: &'static str, value: Option<T>) -> Result<T, ConfigError
     value.ok_or_else(|| invalid(setting, "missing"))
 }
 
+/// Upper bound of `MAILROOM_WORKERS`.
+const MAX_WORKERS: usize = 4096;
+
+/// Concurrent deliveries when `MAILROOM_WORKERS` is not set: eight per
+/// connection of the largest relay pool, and never fewer than 128. A
+/// delivery holds its slot while it is received, claimed and checked
+/// against suppressions, which takes several times as long as handing it to
+/// a pooled connection; slots claimed ahead keep every connection busy
+/// (docs/performance.md: with `pool=32`, 128 slots drained ~8,000/s, 256
+/// ~9,300/s, 512 no more).
+fn default_workers(relays: &[RelayConfig]) -> usize {
+    let widest = relays.iter().map(|r| r.pool_size as usize).max();
+    (widest.unwrap_or(0) * 8).clamp(128, MAX_WORKERS)
+}
+
 fn duration(setting: &'static str, value: Option<String>) -> Result<Duration, ConfigError> {
     parse_duration(setting, &required(setting, value)?)
 }
@@ -349,6 +364,10 @@ impl Config {
             crate::domain::Mailbox::parse(from)
                 .map_err(|e| invalid("MAILROOM_DEFAULT_FROM", e.to_string()))?;
         }
+        let workers = s
+            .workers
+            .unwrap_or_else(|| default_workers(&relays))
+            .clamp(1, MAX_WORKERS);
         Ok(Config {
             listen,
             database_url: database_url.map(Secret::new),
@@ -359,7 +378,7 @@ impl Config {
             relay_ca_file: s.relay_ca_file.filter(|p| !p.is_empty()).map(PathBuf::from),
             default_from,
             dkim_keys: parse_dkim_keys(s.dkim_keys.as_deref().unwrap_or(""))?,
-            workers: required("MAILROOM_WORKERS", s.workers)?.clamp(1, 4096),
+            workers,
             delivery_retry_schedule: parse_schedule(
                 "MAILROOM_DELIVERY_RETRY_SCHEDULE",
                 &required(
@@ -439,6 +458,27 @@ mod tests {
         );
         assert_eq!(config.webhook_retry_schedule.len(), 7);
         assert!(config.dkim_keys.is_empty());
+        assert_eq!(config.workers, 128);
+    }
+
+    #[test]
+    fn workers_default_to_eight_per_connection_of_the_widest_relay() {
+        let workers = |relays: &str, pool: Option<usize>, workers: Option<usize>| {
+            let settings = Settings {
+                relays: Some(relays.into()),
+                relay_pool_size: pool,
+                workers,
+                ..Settings::default()
+            };
+            Config::from_settings(settings).unwrap().workers
+        };
+        let two = "smtp://a.test:25?pool=32,smtp://b.test:25?pool=4";
+        assert_eq!(workers(two, None, None), 256);
+        assert_eq!(workers("smtp://a.test:25", None, None), 128);
+        assert_eq!(workers("smtp://a.test:25", Some(4), None), 128);
+        assert_eq!(workers("smtp://a.test:25", Some(100), None), 800);
+        assert_eq!(workers("smtp://a.test:25", Some(10_000), None), 4096);
+        assert_eq!(workers(two, None, Some(7)), 7);
     }
 
     #[test]
