@@ -65,165 +65,165 @@ struct KeyFields {
     domains: Option<Vec<String>>,
 }
 
-fn positive(obj: &Map<String, Value>, field: &str, errors: &mut Vec<FieldError>) -> Option<i64> {
-    match obj.get(field) {
-        None | Some(Value::Null) => None,
-        Some(v) => match v.as_i64().filter(|n| *n > 0) {
-            Some(n) => Some(n),
-            None => {
-                errors.push(FieldError::new(field, "must be a positive integer"));
-                None
+/// Reads a create or patch body field by field, collecting every error.
+struct FieldReader<'a> {
+    obj: &'a Map<String, Value>,
+    errors: Vec<FieldError>,
+}
+
+impl FieldReader<'_> {
+    /// Records `field` as invalid; nothing is read from it.
+    fn fail<T>(&mut self, field: impl Into<String>, message: &str) -> Option<T> {
+        self.errors.push(FieldError::new(field, message));
+        None
+    }
+
+    fn name(&mut self) -> Option<String> {
+        match self.obj.get("name")? {
+            Value::String(n) if !n.trim().is_empty() && n.len() <= 100 => {
+                Some(n.trim().to_string())
             }
-        },
+            _ => self.fail(
+                "name",
+                "must be a non-empty string of at most 100 characters",
+            ),
+        }
+    }
+
+    fn scopes(&mut self) -> Option<Vec<Scope>> {
+        let items = match self.obj.get("scopes")? {
+            Value::Array(items) if !items.is_empty() => items,
+            _ => return self.fail("scopes", "must be a non-empty array of send, read, admin"),
+        };
+        let mut scopes = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match item.as_str().and_then(Scope::parse) {
+                Some(s) if !scopes.contains(&s) => scopes.push(s),
+                Some(_) => {}
+                None => {
+                    self.fail::<()>(format!("scopes[{i}]"), "must be send, read or admin");
+                }
+            }
+        }
+        Some(scopes)
+    }
+
+    fn mode(&mut self) -> Option<KeyMode> {
+        match self.obj.get("mode")? {
+            Value::Null => None,
+            v => match v.as_str().and_then(KeyMode::parse) {
+                Some(m) => Some(m),
+                None => self.fail("mode", "must be live or test"),
+            },
+        }
+    }
+
+    /// A limit: `old` when absent, none when null.
+    fn limit<T>(
+        &mut self,
+        field: &str,
+        old: Option<T>,
+        read: impl FnOnce(&Value) -> Option<T>,
+        message: &str,
+    ) -> Option<T> {
+        match self.obj.get(field) {
+            None => old,
+            Some(Value::Null) => None,
+            Some(v) => match read(v) {
+                Some(value) => Some(value),
+                None => self.fail(field, message),
+            },
+        }
+    }
+
+    fn count(&mut self, field: &str, old: Option<i64>) -> Option<i64> {
+        let positive = |v: &Value| v.as_i64().filter(|n| *n > 0);
+        self.limit(field, old, positive, "must be a positive integer")
+    }
+
+    fn limits(&mut self, base: &KeyLimits) -> KeyLimits {
+        let rate = |v: &Value| v.as_f64().filter(|r| *r > 0.0 && r.is_finite());
+        let zone = |v: &Value| {
+            let tz = v.as_str()?.parse::<chrono_tz::Tz>().ok()?;
+            Some(tz.name().to_string())
+        };
+        let limits = KeyLimits {
+            rate_per_second: self.limit(
+                "rate_per_second",
+                base.rate_per_second,
+                rate,
+                "must be a positive number",
+            ),
+            burst: self.count("burst", base.burst),
+            daily_quota: self.count("daily_quota", base.daily_quota),
+            monthly_quota: self.count("monthly_quota", base.monthly_quota),
+            per_recipient_hourly: self.count("per_recipient_hourly", base.per_recipient_hourly),
+            timezone: self.limit(
+                "timezone",
+                base.timezone.clone(),
+                zone,
+                "must be an IANA time zone such as Europe/Berlin or UTC",
+            ),
+        };
+        if limits.burst.is_some() && limits.rate_per_second.is_none() {
+            self.fail::<()>("burst", "needs rate_per_second");
+        }
+        limits
+    }
+
+    /// `Some(empty)` for null: any domain.
+    fn domains(&mut self) -> Option<Vec<String>> {
+        let items = match self.obj.get("allowed_from_domains")? {
+            Value::Null => return Some(Vec::new()),
+            Value::Array(items) => items,
+            _ => return self.fail("allowed_from_domains", "must be an array of domain names"),
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let domain = item
+                .as_str()
+                .filter(|d| EmailAddress::parse(&format!("x@{d}")).is_ok());
+            match domain {
+                Some(d) => out.push(d.to_lowercase()),
+                None => {
+                    self.fail::<()>(
+                        format!("allowed_from_domains[{i}]"),
+                        "must be a domain name",
+                    );
+                }
+            }
+        }
+        Some(out)
     }
 }
 
+/// The limit fields: given any of them, a patch replaces the key's limits.
+const LIMIT_FIELDS: &[&str] = &[
+    "rate_per_second",
+    "burst",
+    "daily_quota",
+    "monthly_quota",
+    "per_recipient_hourly",
+    "timezone",
+];
+
 fn parse_fields(obj: &Map<String, Value>, base: &KeyLimits) -> Result<KeyFields, ApiError> {
-    let mut errors = Vec::new();
-    let name = match obj.get("name") {
-        None => None,
-        Some(Value::String(n)) if !n.trim().is_empty() && n.len() <= 100 => {
-            Some(n.trim().to_string())
-        }
-        Some(_) => {
-            errors.push(FieldError::new(
-                "name",
-                "must be a non-empty string of at most 100 characters",
-            ));
-            None
-        }
+    let mut read = FieldReader {
+        obj,
+        errors: Vec::new(),
     };
-    let scopes = match obj.get("scopes") {
-        None => None,
-        Some(Value::Array(items)) if !items.is_empty() => {
-            let mut scopes = Vec::new();
-            for (i, item) in items.iter().enumerate() {
-                match item.as_str().and_then(Scope::parse) {
-                    Some(s) if !scopes.contains(&s) => scopes.push(s),
-                    Some(_) => {}
-                    None => errors.push(FieldError::new(
-                        format!("scopes[{i}]"),
-                        "must be send, read or admin",
-                    )),
-                }
-            }
-            Some(scopes)
-        }
-        Some(_) => {
-            errors.push(FieldError::new(
-                "scopes",
-                "must be a non-empty array of send, read, admin",
-            ));
-            None
-        }
+    let fields = KeyFields {
+        name: read.name(),
+        scopes: read.scopes(),
+        mode: read.mode(),
+        limits: read.limits(base),
+        limits_given: LIMIT_FIELDS.iter().any(|f| obj.contains_key(*f)),
+        domains: read.domains(),
     };
-    let mode = match obj.get("mode") {
-        None | Some(Value::Null) => None,
-        Some(v) => match v.as_str().and_then(KeyMode::parse) {
-            Some(m) => Some(m),
-            None => {
-                errors.push(FieldError::new("mode", "must be live or test"));
-                None
-            }
-        },
-    };
-    let rate = match obj.get("rate_per_second") {
-        None => base.rate_per_second,
-        Some(Value::Null) => None,
-        Some(v) => match v.as_f64().filter(|r| *r > 0.0 && r.is_finite()) {
-            Some(r) => Some(r),
-            None => {
-                errors.push(FieldError::new(
-                    "rate_per_second",
-                    "must be a positive number",
-                ));
-                None
-            }
-        },
-    };
-    let pick = |field: &str, old: Option<i64>, errors: &mut Vec<FieldError>| {
-        if obj.contains_key(field) {
-            positive(obj, field, errors)
-        } else {
-            old
-        }
-    };
-    let limits = KeyLimits {
-        rate_per_second: rate,
-        burst: pick("burst", base.burst, &mut errors),
-        daily_quota: pick("daily_quota", base.daily_quota, &mut errors),
-        monthly_quota: pick("monthly_quota", base.monthly_quota, &mut errors),
-        per_recipient_hourly: pick(
-            "per_recipient_hourly",
-            base.per_recipient_hourly,
-            &mut errors,
-        ),
-        timezone: match obj.get("timezone") {
-            None => base.timezone.clone(),
-            Some(Value::Null) => None,
-            Some(v) => match v.as_str().and_then(|t| t.parse::<chrono_tz::Tz>().ok()) {
-                Some(tz) => Some(tz.name().to_string()),
-                None => {
-                    errors.push(FieldError::new(
-                        "timezone",
-                        "must be an IANA time zone such as Europe/Berlin or UTC",
-                    ));
-                    None
-                }
-            },
-        },
-    };
-    if limits.burst.is_some() && limits.rate_per_second.is_none() {
-        errors.push(FieldError::new("burst", "needs rate_per_second"));
+    if !read.errors.is_empty() {
+        return Err(ApiError::Validation(read.errors));
     }
-    let domains = match obj.get("allowed_from_domains") {
-        None => None,
-        Some(Value::Null) => Some(Vec::new()),
-        Some(Value::Array(items)) => {
-            let mut out = Vec::new();
-            for (i, item) in items.iter().enumerate() {
-                let ok = item
-                    .as_str()
-                    .filter(|d| EmailAddress::parse(&format!("x@{d}")).is_ok());
-                match ok {
-                    Some(d) => out.push(d.to_lowercase()),
-                    None => errors.push(FieldError::new(
-                        format!("allowed_from_domains[{i}]"),
-                        "must be a domain name",
-                    )),
-                }
-            }
-            Some(out)
-        }
-        Some(_) => {
-            errors.push(FieldError::new(
-                "allowed_from_domains",
-                "must be an array of domain names",
-            ));
-            None
-        }
-    };
-    if !errors.is_empty() {
-        return Err(ApiError::Validation(errors));
-    }
-    let limits_given = [
-        "rate_per_second",
-        "burst",
-        "daily_quota",
-        "monthly_quota",
-        "per_recipient_hourly",
-        "timezone",
-    ]
-    .iter()
-    .any(|f| obj.contains_key(*f));
-    Ok(KeyFields {
-        name,
-        scopes,
-        mode,
-        limits,
-        limits_given,
-        domains,
-    })
+    Ok(fields)
 }
 
 async fn create(

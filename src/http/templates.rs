@@ -187,6 +187,18 @@ fn opt_str(
     }
 }
 
+/// The fields of a template version (`PUT /v1/templates/{name}`).
+const VERSION_FIELDS: &[&str] = &[
+    "subject",
+    "html",
+    "text",
+    "locale",
+    "required",
+    "secret",
+    "description",
+    "priority",
+];
+
 async fn put(
     State(state): State<AppState>,
     auth: Auth,
@@ -195,19 +207,26 @@ async fn put(
 ) -> Result<Response, ApiError> {
     auth.require(Scope::Admin)?;
     check_name(&name)?;
-    let obj = object(
-        &body,
-        &[
-            "subject",
-            "html",
-            "text",
-            "locale",
-            "required",
-            "secret",
-            "description",
-            "priority",
-        ],
-    )?;
+    let obj = object(&body, VERSION_FIELDS)?;
+    let version = new_version(name, obj)?;
+    let compiled = templates::compile(
+        &version.subject,
+        version.html.as_deref(),
+        version.text.as_deref(),
+    )
+    .map_err(crate::sending::template_problems)?;
+    check_secrets_are_read(&compiled, &version.secret)?;
+    let stored = state.store.put_template(&version).await?;
+    state.sender.forget_template(&stored.name);
+    Ok((StatusCode::CREATED, Json(version_view(&stored))).into_response())
+}
+
+/// A new version from a request's fields, every invalid field named at
+/// once (its syntax is checked by compiling it, after).
+fn new_version(
+    name: String,
+    obj: &serde_json::Map<String, Value>,
+) -> Result<TemplateVersion, ApiError> {
     let mut errors = Vec::new();
     let subject = opt_str(obj, "subject", &mut errors);
     // An empty body is no body (no empty part in every message).
@@ -237,25 +256,39 @@ async fn put(
             "must be a language tag such as en or zh-CN",
         ));
     }
-    let priority = match priority.as_deref() {
-        None => None,
-        Some(p) => match Priority::parse(p) {
-            Some(p) => Some(p),
-            None => {
-                errors.push(FieldError::new("priority", "must be high, normal or bulk"));
-                None
-            }
-        },
-    };
+    let priority = priority.and_then(|p| {
+        let parsed = Priority::parse(&p);
+        if parsed.is_none() {
+            errors.push(FieldError::new("priority", "must be high, normal or bulk"));
+        }
+        parsed
+    });
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
-    let subject = subject.unwrap_or_default();
-    let compiled = templates::compile(&subject, html.as_deref(), text.as_deref())
-        .map_err(crate::sending::template_problems)?;
-    // A secret the template never reads is a typo that would leave the
-    // real one unmasked in logs, events and listings.
-    let used = templates::variables(&compiled);
+    Ok(TemplateVersion {
+        name,
+        locale,
+        version: 0,
+        subject: subject.unwrap_or_default(),
+        html,
+        text,
+        required,
+        secret,
+        description,
+        priority,
+        builtin: false,
+        created_at: now_ms(),
+    })
+}
+
+/// A secret the template never reads is a typo that would leave the real
+/// one unmasked in logs, events and listings.
+fn check_secrets_are_read(
+    compiled: &minijinja::Environment<'static>,
+    secret: &[String],
+) -> Result<(), ApiError> {
+    let used = templates::variables(compiled);
     let unknown: Vec<FieldError> = secret
         .iter()
         .enumerate()
@@ -267,26 +300,11 @@ async fn put(
             )
         })
         .collect();
-    if !unknown.is_empty() {
-        return Err(ApiError::Validation(unknown));
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Validation(unknown))
     }
-    let version = TemplateVersion {
-        name,
-        locale,
-        version: 0,
-        subject,
-        html,
-        text,
-        required,
-        secret,
-        description,
-        priority,
-        builtin: false,
-        created_at: now_ms(),
-    };
-    let stored = state.store.put_template(&version).await?;
-    state.sender.forget_template(&stored.name);
-    Ok((StatusCode::CREATED, Json(version_view(&stored))).into_response())
 }
 
 async fn delete(
