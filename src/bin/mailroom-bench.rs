@@ -341,115 +341,177 @@ async fn main() {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
-    let conns = Arc::new(Conns::new(&args.base, &args.key));
-    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let warmup: Duration = args.warmup.into();
+    let load = Load {
+        conns: Arc::new(Conns::new(&args.base, &args.key)),
+        counter: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    };
     // Deliveries are counted from here: the warm-up's messages may still be
     // delivering when the measured run starts, and are taken off by number
     // rather than waited for (which would leave a gap in the load).
     let delivered_at_start = delivered_count(&client, &args.base).await;
-    let mut warmup_accepted = 0;
-    let warmup_ms = if args.mode == "open" && !warmup.is_zero() {
-        let results = Arc::new(std::sync::Mutex::new(Results::default()));
-        let started = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        open_loop(
-            &mut tasks,
-            &conns,
-            &results,
-            &counter,
-            args.rate,
-            started,
-            started + warmup,
-        )
-        .await;
-        while tasks.join_next().await.is_some() {}
-        let r = results.lock().unwrap();
-        warmup_accepted = r.ids.len() as u64;
-        let mut summary = accept_summary(&r.latencies);
-        summary.insert("seconds".into(), json!(warmup.as_secs_f64()));
-        summary.insert("requests".into(), json!(r.latencies.len()));
-        Some(summary)
-    } else {
-        None
-    };
-    let results = Arc::new(std::sync::Mutex::new(Results::default()));
-    let delivered_before = delivered_at_start + warmup_accepted;
-    let cpu_before = args.pid.and_then(proc_stats).map_or(0.0, |s| s.1);
-    let store_cpu_before = args.store_pid.and_then(tree_cpu);
-    let queue_cpu_before = args.queue_pid.and_then(tree_cpu);
-    let own_cpu_before = proc_stats(std::process::id()).map_or(0.0, |s| s.1);
+    let warmup = warm_up(&args, &load).await;
+    let delivered_before = delivered_at_start + warmup.as_ref().map_or(0, |w| w.1);
+    let cpu = CpuMarks::now(&args);
     let duration: Duration = args.duration.into();
     let started = Instant::now();
-    let deadline = started + duration;
-    let mut tasks = tokio::task::JoinSet::new();
-    if args.mode == "open" {
-        open_loop(
-            &mut tasks, &conns, &results, &counter, args.rate, started, deadline,
-        )
-        .await;
-    } else {
-        for _ in 0..args.concurrency {
-            let (conns, results, counter) = (conns.clone(), results.clone(), counter.clone());
-            tasks.spawn(async move {
-                while Instant::now() < deadline {
-                    let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    one(&conns, i, started, &results).await;
-                }
-            });
-        }
-    }
-    while tasks.join_next().await.is_some() {}
+    let results = load.drive(&args, started, started + duration).await;
     let send_seconds = started.elapsed().as_secs_f64();
     // This generator's own CPU while sending: it shares the machine, as
     // pgbench's client does in the baseline.
-    let own_cpu = proc_stats(std::process::id()).map(|s| s.1 - own_cpu_before);
-    let (accepted_ids, latencies, statuses, worst) = {
-        let r = results.lock().unwrap();
-        let worst = worst_seconds(&r.starts, &r.latencies, 3);
-        (
-            r.ids.clone(),
-            r.latencies.clone(),
-            r.statuses.clone(),
-            worst,
-        )
-    };
-    let accepted = accepted_ids.len() as u64;
-    // Wait until everything accepted is delivered.
-    let drain_timeout = if args.no_drain {
-        Duration::ZERO
+    let own_cpu = proc_stats(std::process::id()).map(|s| s.1 - cpu.own);
+    let accepted = results.ids.len() as u64;
+    let delivered = if args.no_drain {
+        0
     } else {
-        args.drain_timeout.into()
+        wait_for_deliveries(&client, &args, delivered_before, accepted).await
     };
-    let drain_deadline = Instant::now() + drain_timeout;
+    let delivery_seconds = started.elapsed().as_secs_f64();
+    let stats = args.pid.and_then(proc_stats);
+    let per_message_us = |cpu: f64| cpu / accepted.max(1) as f64 * 1e6;
+    let to_relay = if args.no_drain {
+        Vec::new()
+    } else {
+        to_relay_seconds(&client, &args, &results.ids).await
+    };
+    let mut accept_ms = accept_summary(&results.latencies);
+    let worst = worst_seconds(&results.starts, &results.latencies, 3);
+    accept_ms.insert("worst_seconds".into(), json!(worst));
+    let report = json!({
+        "mode": args.mode,
+        "concurrency": args.concurrency,
+        "rate": args.rate,
+        "requests": results.latencies.len(),
+        "accepted": accepted,
+        "accepted_per_s": accepted as f64 / send_seconds,
+        "accept_ms": accept_ms,
+        "statuses": results.statuses,
+        "warmup_accept_ms": warmup.map(|w| w.0),
+        "delivered": delivered,
+        "delivered_per_s": delivered as f64 / delivery_seconds,
+        "to_relay_ms": {
+            "samples": to_relay.len(),
+            "p50": percentile(&to_relay, 0.50) * 1000.0,
+            "p99": percentile(&to_relay, 0.99) * 1000.0,
+        },
+        "server_peak_rss_mb": stats.map(|s| s.0),
+        "server_cpu_percent": stats.map(|s| (s.1 - cpu.server) / delivery_seconds * 100.0),
+        // CPU per accepted message, from the first send to the last
+        // delivery: a figure that drifts less than rates on a shared machine.
+        "server_cpu_us_per_message": stats.map(|s| per_message_us(s.1 - cpu.server)),
+        "store_cpu_us_per_message": cpu.store_since(&args).map(per_message_us),
+        "queue_cpu_us_per_message": cpu.queue_since(&args).map(per_message_us),
+        "load_generator_cpu_us_per_message": own_cpu.map(per_message_us),
+    });
+    println!("{report}");
+}
+
+/// The connections requests go out on, and the number of the next request.
+struct Load {
+    conns: Arc<Conns>,
+    counter: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Load {
+    /// Sends until `deadline`: at the open loop's rate, or with the closed
+    /// loop's clients back to back.
+    async fn drive(&self, args: &Args, started: Instant, deadline: Instant) -> Results {
+        let results = Arc::new(std::sync::Mutex::new(Results::default()));
+        let mut tasks = tokio::task::JoinSet::new();
+        if args.mode == "open" {
+            let (conns, counter) = (&self.conns, &self.counter);
+            open_loop(
+                &mut tasks, conns, &results, counter, args.rate, started, deadline,
+            )
+            .await;
+        } else {
+            for _ in 0..args.concurrency {
+                let (conns, results) = (self.conns.clone(), results.clone());
+                let counter = self.counter.clone();
+                tasks.spawn(async move {
+                    while Instant::now() < deadline {
+                        let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        one(&conns, i, started, &results).await;
+                    }
+                });
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        let taken = std::mem::take(&mut *results.lock().unwrap());
+        taken
+    }
+}
+
+/// The open loop's warm-up at the measured rate: its accept latencies
+/// (reported apart) and how many it had accepted.
+async fn warm_up(args: &Args, load: &Load) -> Option<(serde_json::Map<String, Value>, u64)> {
+    let warmup: Duration = args.warmup.into();
+    if args.mode != "open" || warmup.is_zero() {
+        return None;
+    }
+    let started = Instant::now();
+    let r = load.drive(args, started, started + warmup).await;
+    let mut summary = accept_summary(&r.latencies);
+    summary.insert("seconds".into(), json!(warmup.as_secs_f64()));
+    summary.insert("requests".into(), json!(r.latencies.len()));
+    Some((summary, r.ids.len() as u64))
+}
+
+/// CPU seconds spent so far by the server, the store, the queue and this
+/// generator, read when the measured run starts.
+struct CpuMarks {
+    server: f64,
+    store: Option<f64>,
+    queue: Option<f64>,
+    own: f64,
+}
+
+impl CpuMarks {
+    fn now(args: &Args) -> Self {
+        CpuMarks {
+            server: args.pid.and_then(proc_stats).map_or(0.0, |s| s.1),
+            store: args.store_pid.and_then(tree_cpu),
+            queue: args.queue_pid.and_then(tree_cpu),
+            own: proc_stats(std::process::id()).map_or(0.0, |s| s.1),
+        }
+    }
+
+    fn store_since(&self, args: &Args) -> Option<f64> {
+        Some(args.store_pid.and_then(tree_cpu)? - self.store?)
+    }
+
+    fn queue_since(&self, args: &Args) -> Option<f64> {
+        Some(args.queue_pid.and_then(tree_cpu)? - self.queue?)
+    }
+}
+
+/// Polls `/metrics` until `accepted` more messages than `before` are
+/// delivered or the drain timeout passes; the number delivered.
+async fn wait_for_deliveries(
+    client: &reqwest::Client,
+    args: &Args,
+    before: u64,
+    accepted: u64,
+) -> u64 {
+    let deadline = Instant::now() + Duration::from(args.drain_timeout);
     let mut delivered = 0;
-    while Instant::now() < drain_deadline {
-        delivered = delivered_count(&client, &args.base)
+    while Instant::now() < deadline {
+        delivered = delivered_count(client, &args.base)
             .await
-            .saturating_sub(delivered_before);
+            .saturating_sub(before);
         if delivered >= accepted {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let delivery_seconds = started.elapsed().as_secs_f64();
-    let stats = args.pid.and_then(proc_stats);
-    let store_cpu = args
-        .store_pid
-        .and_then(tree_cpu)
-        .zip(store_cpu_before)
-        .map(|(after, before)| after - before);
-    let queue_cpu = args
-        .queue_pid
-        .and_then(tree_cpu)
-        .zip(queue_cpu_before)
-        .map(|(after, before)| after - before);
-    let per_message_us = |cpu: f64| cpu / accepted.max(1) as f64 * 1e6;
-    // 202 → 250 for a sample of messages, from their records.
-    let step = (accepted_ids.len() / args.sample.max(1)).max(1);
-    let sample = if args.no_drain { 0 } else { args.sample };
+    delivered
+}
+
+/// 202 → relay answer, in seconds and sorted, for a sample of the accepted
+/// messages, from their records.
+async fn to_relay_seconds(client: &reqwest::Client, args: &Args, ids: &[String]) -> Vec<f64> {
+    let step = (ids.len() / args.sample.max(1)).max(1);
     let mut to_relay = Vec::new();
-    for id in accepted_ids.iter().step_by(step).take(sample) {
+    for id in ids.iter().step_by(step).take(args.sample) {
         let Ok(resp) = client
             .get(format!("{}/v1/messages/{id}", args.base))
             .bearer_auth(&args.key)
@@ -470,35 +532,7 @@ async fn main() {
         }
     }
     to_relay.sort_by(f64::total_cmp);
-    let mut accept_ms = accept_summary(&latencies);
-    accept_ms.insert("worst_seconds".into(), json!(worst));
-    let report = json!({
-        "mode": args.mode,
-        "concurrency": args.concurrency,
-        "rate": args.rate,
-        "requests": latencies.len(),
-        "accepted": accepted,
-        "accepted_per_s": accepted as f64 / send_seconds,
-        "accept_ms": accept_ms,
-        "statuses": statuses,
-        "warmup_accept_ms": warmup_ms,
-        "delivered": delivered,
-        "delivered_per_s": delivered as f64 / delivery_seconds,
-        "to_relay_ms": {
-            "samples": to_relay.len(),
-            "p50": percentile(&to_relay, 0.50) * 1000.0,
-            "p99": percentile(&to_relay, 0.99) * 1000.0,
-        },
-        "server_peak_rss_mb": stats.map(|s| s.0),
-        "server_cpu_percent": stats.map(|s| (s.1 - cpu_before) / delivery_seconds * 100.0),
-        // CPU per accepted message, from the first send to the last
-        // delivery: a figure that drifts less than rates on a shared machine.
-        "server_cpu_us_per_message": stats.map(|s| per_message_us(s.1 - cpu_before)),
-        "store_cpu_us_per_message": store_cpu.map(per_message_us),
-        "queue_cpu_us_per_message": queue_cpu.map(per_message_us),
-        "load_generator_cpu_us_per_message": own_cpu.map(per_message_us),
-    });
-    println!("{report}");
+    to_relay
 }
 
 #[cfg(test)]
