@@ -23,18 +23,13 @@ pub fn routes(r: Routes) -> Routes {
         .delete("/v1/keys/{id}", revoke)
 }
 
-const FIELDS: &[&str] = &[
-    "name",
-    "scopes",
-    "rate_per_second",
-    "burst",
-    "daily_quota",
-    "monthly_quota",
-    "per_recipient_hourly",
-    "timezone",
-    "allowed_from_domains",
-    "mode",
-];
+/// The fields of a create or patch body besides the limits.
+const KEY_FIELDS: &[&str] = &["name", "scopes", "allowed_from_domains", "mode"];
+
+/// Every field of a create or patch body.
+fn fields() -> Vec<&'static str> {
+    [KEY_FIELDS, LIMIT_FIELDS].concat()
+}
 
 pub fn key_view(k: &ApiKey) -> Value {
     json!({
@@ -232,7 +227,7 @@ async fn create(
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     auth.require(Scope::Admin)?;
-    let obj = object(&body, FIELDS)?;
+    let obj = object(&body, &fields())?;
     let fields = parse_fields(obj, &KeyLimits::default())?;
     let mut missing = Vec::new();
     if fields.name.is_none() {
@@ -297,7 +292,7 @@ async fn patch(
 ) -> Result<Json<Value>, ApiError> {
     auth.require(Scope::Admin)?;
     let current = find(&state, &id).await?;
-    let obj = object(&body, FIELDS)?;
+    let obj = object(&body, &fields())?;
     let fields = parse_fields(obj, &current.limits)?;
     let patch = KeyPatch {
         name: fields.name,
