@@ -188,6 +188,9 @@ impl Application {
         if config.relays.is_empty() {
             tracing::warn!("no MAILROOM_RELAYS configured: mail is CAPTURED (stored and readable via GET /v1/messages/{{id}}/raw), NOT sent");
         }
+        for relay in config.relays.iter().filter(|r| r.sends_password_in_clear()) {
+            tracing::warn!(relay = %relay.name, "tls=none with credentials: the relay password crosses the network unencrypted (use tls=starttls or smtps://)");
+        }
         Ok(Application {
             ctx,
             listener,

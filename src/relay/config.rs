@@ -94,6 +94,19 @@ impl RelayConfig {
     }
 }
 
+impl RelayConfig {
+    /// AUTH over a plain connection to another machine: the password
+    /// crosses the network unencrypted (loopback is this machine).
+    pub fn sends_password_in_clear(&self) -> bool {
+        let loopback = self.host.eq_ignore_ascii_case("localhost")
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        self.tls == TlsMode::None && self.password.is_some() && !loopback
+    }
+}
+
 fn decode(text: &str) -> String {
     percent_encoding::percent_decode_str(text)
         .decode_utf8_lossy()
@@ -119,6 +132,11 @@ mod tests {
         assert_eq!((r.tls, r.port, r.pool_size), (TlsMode::None, 2525, 2));
         assert_eq!(r.timeout, Duration::from_secs(5));
         assert_eq!(parse("smtp://u:p@relay.test").tls, TlsMode::StartTls);
+        assert!(parse("smtp://u:p@relay.test?tls=none").sends_password_in_clear());
+        assert!(!parse("smtp://u:p@127.0.0.1?tls=none").sends_password_in_clear());
+        assert!(!parse("smtp://u:p@[::1]?tls=none").sends_password_in_clear());
+        assert!(!parse("smtp://u:p@relay.test").sends_password_in_clear());
+        assert!(!parse("smtp://relay.test?tls=none").sends_password_in_clear());
         assert!(RelayConfig::parse("http://x", 1, Duration::ZERO).is_err());
         assert!(RelayConfig::parse("smtp://x?tls=maybe", 1, Duration::ZERO).is_err());
     }
