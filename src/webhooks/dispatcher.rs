@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,7 +22,10 @@ use crate::metrics::Metrics;
 use crate::store::{Store, WebhookJob, WebhookResult};
 
 const POLL: Duration = Duration::from_millis(200);
-const BATCH: i64 = 64;
+/// Most deliveries claimed at once.
+const BATCH: usize = 64;
+/// Most webhook requests in flight per process.
+const MAX_IN_FLIGHT: usize = 128;
 const MAX_BODY: usize = 4096;
 const MAX_RETRY_AFTER: i64 = 24 * 3_600_000;
 
@@ -72,11 +76,22 @@ impl Dispatcher {
 
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         loop {
+            // Claim only what can be posted now: a claimed delivery waiting
+            // for a slot would only age its lease.
+            let first = tokio::select! {
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let want = (slots.available_permits() + 1).min(BATCH);
             let now = now_ms();
             let jobs = match self
                 .store
-                .claim_webhook_jobs(now, now + self.lease.as_millis() as i64, BATCH)
+                .claim_webhook_jobs(now, now + self.lease.as_millis() as i64, want as i64)
                 .await
             {
                 Ok(jobs) => jobs,
@@ -86,10 +101,20 @@ impl Dispatcher {
                 }
             };
             let idle = jobs.is_empty();
+            let mut permits = std::iter::once(first).chain(std::iter::from_fn(|| {
+                slots.clone().try_acquire_owned().ok()
+            }));
             for job in jobs {
+                // This loop alone takes slots, and claimed no more than
+                // were free.
+                let permit = permits.next();
                 let me = self.clone();
-                tasks.spawn(async move { me.deliver(job).await });
+                tasks.spawn(async move {
+                    me.deliver(job).await;
+                    drop(permit);
+                });
             }
+            drop(permits);
             if idle {
                 tokio::select! {
                     _ = tokio::time::sleep(POLL) => {}

@@ -412,6 +412,35 @@ async fn idempotency_replay_conflict_and_race(stack: Stack) {
     smtp.wait_for("race@example.com").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(smtp.received_by("race@example.com").await.len(), 1);
+
+    // Distinct keyed sends at once share a group commit, whose answers are
+    // stored in one statement: each key replays its own message.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let api = app.api.clone();
+        tasks.spawn(async move {
+            let key = format!("group-{i}");
+            let to = format!("group{i}@example.com");
+            let send = |api: Client, key: String, to: String| async move {
+                api.call(
+                    reqwest::Method::POST,
+                    "/v1/send",
+                    Some(code_to(&to)),
+                    &[("Idempotency-Key", key.as_str())],
+                )
+                .await
+            };
+            let first = send(api.clone(), key.clone(), to.clone()).await;
+            (first, send(api, key, to).await)
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        let (first, replay) = r.unwrap();
+        assert_eq!(first.status, 202, "{}", first.body);
+        assert_eq!(replay.status, 202, "{}", replay.body);
+        assert_eq!(replay.headers["idempotent-replayed"], "true");
+        assert_eq!(replay.body, first.body);
+    }
     app.stop().await;
 }
 

@@ -245,20 +245,19 @@ impl SqlStore {
         Ok(())
     }
 
-    /// Postgres, plain messages (no collapse key, no idempotency key): the
-    /// three inserts in one statement per chunk of up to 64 messages,
-    /// padded (see [`padded_insert`]). A group that fits one chunk is one
-    /// round trip (the statement is its own transaction); a larger one runs
-    /// its chunks in one transaction. `false` if the group does not
-    /// qualify.
+    /// Postgres, messages without a collapse key: the three inserts in one
+    /// statement per chunk of up to 64 messages, padded (see
+    /// [`padded_insert`]), and the idempotency records of those sent with a
+    /// key finished in one more. A group that fits one chunk and carries
+    /// no idempotency key is one round trip (the statement is its own
+    /// transaction); otherwise the statements share one transaction.
+    /// `false` if the group does not qualify.
     async fn insert_in_one_statement(
         &self,
         messages: &[NewMessage],
         now: Millis,
     ) -> StoreResult<bool> {
-        let plain = messages
-            .iter()
-            .all(|m| m.collapse_key.is_none() && m.idempotency.is_none());
+        let plain = messages.iter().all(|m| m.collapse_key.is_none());
         if self.backend != Backend::Postgres || !plain {
             return Ok(false);
         }
@@ -273,8 +272,12 @@ impl SqlStore {
         if chunks.iter().any(|c| c.params() > batch::MAX_PARAMS) {
             return Ok(false);
         }
+        let idems: Vec<&IdemFinish> = messages
+            .iter()
+            .filter_map(|m| m.idempotency.as_ref())
+            .collect();
         let mut conn = self.hot.get(&self.pool).await?;
-        if let [only] = chunks.as_slice() {
+        if let ([only], []) = (chunks.as_slice(), idems.as_slice()) {
             let sql = only.sql();
             only.bind(&sql, now).execute(&mut *conn).await?;
         } else {
@@ -283,6 +286,7 @@ impl SqlStore {
                 let sql = chunk.sql();
                 chunk.bind(&sql, now).execute(&mut *tx).await?;
             }
+            finish_idempotency(&mut tx, &idems).await?;
             tx.commit().await?;
         }
         conn.keep();
@@ -577,9 +581,11 @@ impl MessageStore for SqlStore {
             self.insert_messages(&mut tx, &[m], now).await?;
             self.collapse(&mut tx, m, now).await?;
         }
-        for idem in batch.iter().filter_map(|m| m.idempotency.as_ref()) {
-            finish_idempotency(&mut tx, idem).await?;
-        }
+        let idems: Vec<&IdemFinish> = batch
+            .iter()
+            .filter_map(|m| m.idempotency.as_ref())
+            .collect();
+        finish_idempotency(&mut tx, &idems).await?;
         tx.commit().await?;
         conn.keep();
         Ok(())
@@ -734,17 +740,27 @@ impl MessageStore for SqlStore {
     }
 }
 
-async fn finish_idempotency(conn: &mut AnyConnection, idem: &IdemFinish) -> StoreResult<()> {
-    sqlx::query(
-        "UPDATE idempotency SET state = 'done', response_status = $3, response_body = $4 \
-         WHERE key_id = $1 AND idem_key = $2",
-    )
-    .bind(&idem.key_id)
-    .bind(&idem.idem_key)
-    .bind(i64::from(idem.status))
-    .bind(&idem.body)
-    .execute(conn)
-    .await?;
+/// Stores the answer of each keyed send of an accepted group, for replays:
+/// one statement per chunk of up to 64 (padded by repeating the last row,
+/// which updates nothing twice).
+async fn finish_idempotency(conn: &mut AnyConnection, idems: &[&IdemFinish]) -> StoreResult<()> {
+    for (chunk, size) in batch::padded(idems, 4) {
+        let sql = format!(
+            "UPDATE idempotency SET state = 'done', response_status = v.column3, \
+             response_body = v.column4 FROM (VALUES {}) AS v \
+             WHERE idempotency.key_id = v.column1 AND idempotency.idem_key = v.column2",
+            batch::values(size, 4, 1)
+        );
+        let mut query = sqlx::query(&sql);
+        for idem in batch::fill(chunk, size) {
+            query = query
+                .bind(&idem.key_id)
+                .bind(&idem.idem_key)
+                .bind(i64::from(idem.status))
+                .bind(&idem.body);
+        }
+        query.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 

@@ -96,6 +96,23 @@ pub struct SqlStore {
 const HOT_CONNECTIONS: usize = 8;
 
 impl SqlStore {
+    /// A transaction whose commit does not wait for its WAL to reach the
+    /// disk (Postgres; SQLite commits as usual), for records whose work is
+    /// redone if a crash of the database loses them (leases, webhook
+    /// attempts).
+    pub(super) async fn begin_unflushed(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Postgres => {
+                self.pool
+                    .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
+                    .await
+            }
+            Backend::Sqlite => self.pool.begin().await,
+        }
+    }
+
     /// Connects (creating the SQLite file if needed). `pool_size` applies to
     /// Postgres; SQLite always uses one connection.
     pub async fn connect(url: &str, pool_size: u32) -> StoreResult<SqlStore> {

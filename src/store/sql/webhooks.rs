@@ -7,7 +7,7 @@ use serde_json::json;
 use sqlx::Row;
 
 use super::events::{insert_event, NewEvent};
-use super::{rows, SqlStore};
+use super::{batch, rows, SqlStore};
 use crate::domain::Millis;
 use crate::store::records::*;
 use crate::store::{StoreResult, WebhookStore};
@@ -200,49 +200,67 @@ impl WebhookStore for SqlStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        let mut jobs = Vec::with_capacity(candidates.len());
-        for c in candidates {
-            let id: String = c.try_get("id")?;
-            let taken = sqlx::query(
-                "UPDATE webhook_deliveries SET lease_until = $2 WHERE id = $1 AND status = 'pending' \
-                 AND (lease_until IS NULL OR lease_until < $3)",
-            )
-            .bind(&id)
-            .bind(lease_until)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-            if taken.rows_affected() == 0 {
-                continue;
-            }
-            let row = sqlx::query(&format!(
-                "SELECT d.id AS delivery_id, d.event_id, d.attempts, e.payload, {} \
-                 FROM webhook_deliveries d JOIN events e ON e.id = d.event_id \
-                 JOIN webhooks w ON w.id = d.webhook_id WHERE d.id = $1",
-                rows::WEBHOOK_COLUMNS
-                    .split(", ")
-                    .map(|c| format!("w.{c}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-            .bind(&id)
-            .fetch_optional(&self.pool)
-            .await?;
-            if let Some(row) = row {
-                jobs.push(WebhookJob {
-                    delivery_id: row.try_get("delivery_id")?,
-                    event_id: row.try_get("event_id")?,
-                    payload: row.try_get("payload")?,
-                    attempts: row.try_get("attempts")?,
-                    webhook: rows::webhook(&row)?,
-                });
-            }
+        let ids = candidates
+            .iter()
+            .map(|c| c.try_get::<String, _>("id"))
+            .collect::<Result<Vec<_>, _>>()?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(jobs)
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        // The candidates still free are leased in one statement (another
+        // dispatcher may have taken some since), then read in one. A lease
+        // need not be durable: lost in a crash, the delivery is taken again.
+        let mut tx = self.begin_unflushed().await?;
+        let taken = batch::fetch_in(
+            &mut tx,
+            "UPDATE webhook_deliveries SET lease_until = $1 WHERE id IN ({keys}) \
+             AND status = 'pending' AND (lease_until IS NULL OR lease_until < $2) RETURNING id",
+            &ids,
+            2,
+            |q| q.bind(lease_until).bind(now),
+        )
+        .await?;
+        let taken = taken
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
+        let sql = format!(
+            "SELECT d.id AS delivery_id, d.event_id, d.attempts, d.next_attempt_at, e.payload, {} \
+             FROM webhook_deliveries d JOIN events e ON e.id = d.event_id \
+             JOIN webhooks w ON w.id = d.webhook_id WHERE d.id IN ({{keys}})",
+            rows::WEBHOOK_COLUMNS
+                .split(", ")
+                .map(|c| format!("w.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let found = batch::select_in(&mut tx, &sql, &taken).await?;
+        tx.commit().await?;
+        let mut jobs = Vec::with_capacity(found.len());
+        let mut order = Vec::with_capacity(found.len());
+        for row in &found {
+            order.push(row.try_get::<Millis, _>("next_attempt_at")?);
+            jobs.push(WebhookJob {
+                delivery_id: row.try_get("delivery_id")?,
+                event_id: row.try_get("event_id")?,
+                payload: row.try_get("payload")?,
+                attempts: row.try_get("attempts")?,
+                webhook: rows::webhook(row)?,
+            });
+        }
+        // Oldest first, as they were chosen.
+        let mut keyed: Vec<_> = order.into_iter().zip(jobs).collect();
+        keyed.sort_by_key(|(at, _)| *at);
+        Ok(keyed.into_iter().map(|(_, job)| job).collect())
     }
 
+    /// Not flushed on commit: lost in a crash of Postgres, the attempt is
+    /// made again when the delivery's lease runs out, with the same
+    /// `webhook-id` (at-least-once), and recorded then.
     async fn record_webhook_attempt(&self, r: &WebhookResult) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_unflushed().await?;
         sqlx::query(
             "INSERT INTO webhook_attempts (delivery_id, webhook_id, at, status_code, latency_ms, error) \
              VALUES ($1,$2,$3,$4,$5,$6)",
@@ -272,10 +290,14 @@ impl WebhookStore for SqlStore {
         .bind(r.now)
         .execute(&mut *tx)
         .await?;
+        // Only a change of state writes the webhook's row: every delivery to
+        // one endpoint shares it, and an unconditional update made each
+        // wait for the previous one's commit (9 ms apiece at 1,400/s).
         let failing_sql = if r.success {
-            "UPDATE webhooks SET failing_since = NULL WHERE id = $1 AND $2 > 0"
+            "UPDATE webhooks SET failing_since = NULL WHERE id = $1 AND $2 > 0 \
+             AND failing_since IS NOT NULL"
         } else {
-            "UPDATE webhooks SET failing_since = COALESCE(failing_since, $2) WHERE id = $1"
+            "UPDATE webhooks SET failing_since = $2 WHERE id = $1 AND failing_since IS NULL"
         };
         sqlx::query(failing_sql)
             .bind(&r.webhook_id)
