@@ -30,6 +30,7 @@ need=()
 command -v pgbench >/dev/null || need+=(postgresql-contrib)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v curl >/dev/null || need+=(curl)
 command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 if [ ${#need[@]} -gt 0 ]; then
   as_root apt-get update -qq
@@ -75,7 +76,7 @@ PY
 
 WORK=$(mktemp -d /tmp/mailroom-bench.XXXXXX); chmod 755 "$WORK"
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-PGPORT=$(free_port); REDISPORT=$(free_port); SINKPORT=$(free_port); HTTPPORT=$(free_port)
+PGPORT=$(free_port); REDISPORT=$(free_port); SINKPORT=$(free_port); HTTPPORT=$(free_port); HOOKPORT=$(free_port)
 PIDS=()
 pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 cleanup() {
@@ -138,7 +139,7 @@ run_mailroom() { # $1 = label, rest = env assignments
   local data="$WORK/data-$label"; mkdir -p "$data"
   env "$@" MAILROOM_LISTEN=127.0.0.1:$HTTPPORT MAILROOM_DATA_DIR="$data" \
     MAILROOM_RELAYS="smtp://127.0.0.1:$SINKPORT?tls=none&pool=32" "${WORKERS_ENV[@]}" \
-    MAILROOM_LOG_FORMAT=json RUST_LOG=warn ./target/release/mailroom serve > "$WORK/$label.log" 2>&1 &
+    MAILROOM_WEBHOOK_ALLOW_PRIVATE=true MAILROOM_LOG_FORMAT=json RUST_LOG=warn ./target/release/mailroom serve > "$WORK/$label.log" 2>&1 &
   local pid=$!; PIDS+=($pid)
   wait_port $HTTPPORT
   local key; key=$(cat "$data/admin-key")
@@ -153,6 +154,18 @@ run_mailroom() { # $1 = label, rest = env assignments
   # load) is a cold start, reported on its own below the table.
   ./target/release/mailroom-bench --base http://127.0.0.1:$HTTPPORT --key "$key" --pid $pid "${store[@]}" --mode open --rate "$RATE" --warmup 2s --duration "$DUR" > "$WORK/$label-open.json"
   ./target/release/mailroom-bench --base http://127.0.0.1:$HTTPPORT --key "$key" --pid $pid "${store[@]}" --mode closed --concurrency "$CLIENTS" --duration "$DUR" > "$WORK/$label-closed.json"
+  # The same closed loop with everything a production send carries: a send
+  # key with a rate limit, quotas and a per-recipient cap (checked in the
+  # limiter on every send, none of them reached), an Idempotency-Key per
+  # request, and a webhook for message.delivered that the generator receives.
+  local api="http://127.0.0.1:$HTTPPORT/v1"
+  local limited; limited=$(curl -sf "$api/keys" -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
+    -d '{"name":"bench-full","scopes":["send","read"],"rate_per_second":1000000,"burst":1000000,"daily_quota":1000000000,"monthly_quota":1000000000,"per_recipient_hourly":100}' \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+  curl -sf "$api/webhooks" -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
+    -d "{\"url\":\"http://127.0.0.1:$HOOKPORT/hook\",\"events\":[\"message.delivered\"]}" > /dev/null
+  ./target/release/mailroom-bench --base http://127.0.0.1:$HTTPPORT --key "$limited" --pid $pid "${store[@]}" --mode closed --concurrency "$CLIENTS" --duration "$DUR" \
+    --idempotency --webhook-listen 127.0.0.1:$HOOKPORT > "$WORK/$label-full.json"
   kill $pid; wait $pid 2>/dev/null || true
 }
 
@@ -259,9 +272,9 @@ def budget():
     print(f"- 0.35× of the sink ({0.35 * smtp_rate:,.0f}/s) leaves {cores * 1e6 / (0.35 * smtp_rate):.0f} µs per message; "
           f"at {total:.0f} µs the {cores} cores would be busy at {cores * 1e6 / total:,.0f}/s ({cores * 1e6 / total / smtp_rate:.2f}×)")
 for stack in ("postgres", "embedded"):
-    for mode in ("closed", "open"):
+    for mode in ("closed", "full", "open"):
         r = json.load(open(f"{work}/{stack}-{mode}.json"))
-        load = f"closed, {clients} clients" if mode == "closed" else f"open, {rate}/s"
+        load = {"closed": f"closed, {clients} clients", "full": f"closed, {clients} clients, every feature (below)", "open": f"open, {rate}/s"}[mode]
         a = r["accept_ms"]; t = r["to_relay_ms"]
         errors = {k: v for k, v in r["statuses"].items() if k != "202"}
         print(f"| {stack} | {load} | {r['accepted_per_s']:,.0f} | {r['accepted_per_s']/pg_tps:.2f}× | {a['p50']:.1f} / {a['p95']:.1f} / {a['p99']:.1f} / {a['max']:.0f} | {r['delivered_per_s']:,.0f} | {r['delivered_per_s']/smtp_rate:.2f}× | {t['p50']:.0f} / {t['p99']:.0f} | {errors or 'none'} | {r['server_peak_rss_mb'] or 0:.0f} | {r['server_cpu_percent'] or 0:.0f} | {us(r.get('server_cpu_us_per_message'))} / {us(r.get('store_cpu_us_per_message'))} |")
@@ -275,5 +288,9 @@ for stack in ("postgres", "embedded"):
         print(f"- {stack}: cold start (the first {w['seconds']:.0f} s after the server started, not in the table): accept p50 / p99 / max {w['p50']:.1f} / {w['p99']:.1f} / {w['max']:.0f} ms")
     worst = ", ".join(f"s{x['second']} p99 {x['p99_ms']:.0f} / max {x['max_ms']:.0f}" for x in r["accept_ms"].get("worst_seconds", []))
     print(f"- {stack}: the measured run's worst seconds (ms): {worst}")
+print("\nEvery feature: a send key with a rate limit, daily and monthly quotas and a per-recipient hourly cap (none reached), an Idempotency-Key per request, and a webhook for message.delivered received by the generator:")
+for stack in ("postgres", "embedded"):
+    w = json.load(open(f"{work}/{stack}-full.json")).get("webhooks") or {}
+    print(f"- {stack}: {w.get('received', 0):,} webhooks received, {w.get('per_s', 0):,.0f}/s from the first send to the last webhook")
 budget()
 PY

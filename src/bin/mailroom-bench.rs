@@ -67,6 +67,15 @@ struct Args {
     /// not measured)
     #[arg(long)]
     no_drain: bool,
+    /// Send an `Idempotency-Key` with every request (unique per request),
+    /// so that accepting also records and checks idempotency
+    #[arg(long)]
+    idempotency: bool,
+    /// Receive webhooks at this address (`POST /hook`, answered 204) and
+    /// report how many arrived: for a run with a webhook subscribed to
+    /// `message.delivered` there
+    #[arg(long)]
+    webhook_listen: Option<String>,
 }
 
 #[derive(Default)]
@@ -109,11 +118,13 @@ struct Conns {
     /// `Host` and `Authorization` header values, built once.
     host: HeaderValue,
     auth: HeaderValue,
+    /// Prefix of each request's `Idempotency-Key`, when sent.
+    idempotency: Option<String>,
     idle: std::sync::Mutex<Vec<Sender>>,
 }
 
 impl Conns {
-    fn new(base: &str, key: &str) -> Self {
+    fn new(base: &str, key: &str, idempotency: bool) -> Self {
         let url = url::Url::parse(base).expect("--base is a URL");
         let host = url.host_str().expect("--base has a host");
         let addr = format!("{host}:{}", url.port_or_known_default().unwrap_or(80));
@@ -121,6 +132,9 @@ impl Conns {
             host: HeaderValue::from_str(&addr).expect("host header"),
             auth: HeaderValue::from_str(&format!("Bearer {key}")).expect("key is a header value"),
             addr,
+            // Unique per run, so that a second run against the same server
+            // is not answered from the first one's records.
+            idempotency: idempotency.then(|| format!("bench-{}", uuid::Uuid::now_v7().simple())),
             idle: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -149,11 +163,14 @@ impl Conns {
         i: u64,
     ) -> Result<(u16, Option<String>), Box<dyn std::error::Error + Send + Sync>> {
         let mut sender = self.take().await?;
-        let request = hyper::Request::post("/v1/send")
+        let mut request = hyper::Request::post("/v1/send")
             .header(header::HOST, self.host.clone())
             .header(header::AUTHORIZATION, self.auth.clone())
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body(i))))?;
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(prefix) = &self.idempotency {
+            request = request.header("idempotency-key", format!("{prefix}-{i}"));
+        }
+        let request = request.body(Full::new(Bytes::from(body(i))))?;
         sender.ready().await?;
         let response = sender.send_request(request).await?;
         let status = response.status().as_u16();
@@ -342,13 +359,17 @@ async fn main() {
         .build()
         .unwrap();
     let load = Load {
-        conns: Arc::new(Conns::new(&args.base, &args.key)),
+        conns: Arc::new(Conns::new(&args.base, &args.key, args.idempotency)),
         counter: Arc::new(std::sync::atomic::AtomicU64::new(0)),
     };
     // Deliveries are counted from here: the warm-up's messages may still be
     // delivering when the measured run starts, and are taken off by number
     // rather than waited for (which would leave a gap in the load).
     let delivered_at_start = delivered_count(&client, &args.base).await;
+    let hooks = match &args.webhook_listen {
+        Some(addr) => Some(Hooks::listen(addr).await),
+        None => None,
+    };
     let warmup = warm_up(&args, &load).await;
     let delivered_before = delivered_at_start + warmup.as_ref().map_or(0, |w| w.1);
     let cpu = CpuMarks::now(&args);
@@ -367,6 +388,10 @@ async fn main() {
     };
     let delivery_seconds = started.elapsed().as_secs_f64();
     let stats = args.pid.and_then(proc_stats);
+    let webhooks = match &hooks {
+        Some(hooks) => Some(hooks.wait_for(delivered, &args, started).await),
+        None => None,
+    };
     let per_message_us = |cpu: f64| cpu / accepted.max(1) as f64 * 1e6;
     let to_relay = if args.no_drain {
         Vec::new()
@@ -393,6 +418,7 @@ async fn main() {
             "p50": percentile(&to_relay, 0.50) * 1000.0,
             "p99": percentile(&to_relay, 0.99) * 1000.0,
         },
+        "webhooks": webhooks,
         "server_peak_rss_mb": stats.map(|s| s.0),
         "server_cpu_percent": stats.map(|s| (s.1 - cpu.server) / delivery_seconds * 100.0),
         // CPU per accepted message, from the first send to the last
@@ -454,6 +480,50 @@ async fn warm_up(args: &Args, load: &Load) -> Option<(serde_json::Map<String, Va
     summary.insert("seconds".into(), json!(warmup.as_secs_f64()));
     summary.insert("requests".into(), json!(r.latencies.len()));
     Some((summary, r.ids.len() as u64))
+}
+
+/// A webhook receiver that counts what it is sent (every `POST /hook` is
+/// answered 204 at once, as a consumer that queues its events would).
+struct Hooks {
+    received: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Hooks {
+    async fn listen(addr: &str) -> Hooks {
+        let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = received.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move || {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                async { axum::http::StatusCode::NO_CONTENT }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("--webhook-listen is a free address");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Hooks { received }
+    }
+
+    fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits (up to the drain timeout) until `expected` webhooks arrived:
+    /// how many did, and when the last one did, in seconds from `started`.
+    async fn wait_for(&self, expected: u64, args: &Args, started: Instant) -> Value {
+        let deadline = Instant::now() + Duration::from(args.drain_timeout);
+        while self.received() < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        json!({
+            "received": self.received(),
+            "seconds": seconds,
+            "per_s": self.received() as f64 / seconds,
+        })
+    }
 }
 
 /// CPU seconds spent so far by the server, the store, the queue and this
