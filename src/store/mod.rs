@@ -199,7 +199,9 @@ pub trait WebhookStore: Send + Sync {
         lease_until: Millis,
         limit: i64,
     ) -> StoreResult<Vec<WebhookJob>>;
-    async fn record_webhook_attempt(&self, result: &WebhookResult) -> StoreResult<()>;
+    /// Records attempts (in one transaction): each delivery's new state,
+    /// its attempt log entry, and the endpoints' failing or disabled state.
+    async fn record_webhook_attempts(&self, results: &[WebhookResult]) -> StoreResult<()>;
     async fn webhook_backlog(&self) -> StoreResult<i64>;
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -77,6 +77,8 @@ impl Dispatcher {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let (results, outcomes) = mpsc::channel(MAX_IN_FLIGHT);
+        let recorder = tokio::spawn(record(self.store.clone(), outcomes));
         loop {
             // Claim only what can be posted now: a claimed delivery waiting
             // for a slot would only age its lease.
@@ -108,9 +110,12 @@ impl Dispatcher {
                 // This loop alone takes slots, and claimed no more than
                 // were free.
                 let permit = permits.next();
-                let me = self.clone();
+                let (me, results) = (self.clone(), results.clone());
                 tasks.spawn(async move {
-                    me.deliver(job).await;
+                    let result = me.deliver(job).await;
+                    // Waits while the recorder is behind, holding the slot:
+                    // posting goes no faster than recording.
+                    let _ = results.send(result).await;
                     drop(permit);
                 });
             }
@@ -126,9 +131,12 @@ impl Dispatcher {
         }
         tasks.close();
         tasks.wait().await;
+        drop(results);
+        let _ = recorder.await;
     }
 
-    async fn deliver(&self, job: WebhookJob) {
+    /// Posts one delivery; what happened, to be recorded.
+    async fn deliver(&self, job: WebhookJob) -> WebhookResult {
         let started = Instant::now();
         let response = self.post(&job).await;
         let latency_ms = started.elapsed().as_millis() as i64;
@@ -174,7 +182,7 @@ impl Dispatcher {
             success,
             "webhook attempt"
         );
-        let result = WebhookResult {
+        WebhookResult {
             delivery_id: job.delivery_id.clone(),
             webhook_id: job.webhook.id.clone(),
             now,
@@ -184,9 +192,6 @@ impl Dispatcher {
             success,
             next_attempt_at,
             disable_reason,
-        };
-        if let Err(e) = self.store.record_webhook_attempt(&result).await {
-            tracing::error!(error = %e, "could not record webhook attempt; it will be retried after the lease");
         }
     }
 
@@ -286,4 +291,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// Records what the deliveries report, those that finished together in one
+/// transaction (up to [`BATCH`]); ends when every sender is gone and the
+/// channel is drained. A group that cannot be recorded is left to the
+/// leases: its deliveries are posted again, with the same `webhook-id`.
+async fn record(store: Arc<dyn Store>, mut outcomes: mpsc::Receiver<WebhookResult>) {
+    while let Some(first) = outcomes.recv().await {
+        let mut group = vec![first];
+        while group.len() < BATCH {
+            match outcomes.try_recv() {
+                Ok(result) => group.push(result),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = store.record_webhook_attempts(&group).await {
+            tracing::error!(error = %e, count = group.len(), "could not record webhook attempts; they will be retried after the lease");
+        }
+    }
 }
