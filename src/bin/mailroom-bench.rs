@@ -462,8 +462,11 @@ impl Load {
             }
         }
         while tasks.join_next().await.is_some() {}
-        let taken = std::mem::take(&mut *results.lock().unwrap());
-        taken
+        // Every task is done, and with it every other handle to the results.
+        Arc::into_inner(results)
+            .expect("no request task outlives the load")
+            .into_inner()
+            .unwrap()
     }
 }
 
@@ -511,7 +514,7 @@ impl Hooks {
     }
 
     /// Waits (up to the drain timeout) until `expected` webhooks arrived:
-    /// how many did, and when the last one did, in seconds from `started`.
+    /// how many did, and the seconds from `started` until the wait ended.
     async fn wait_for(&self, expected: u64, args: &Args, started: Instant) -> Value {
         let deadline = Instant::now() + Duration::from(args.drain_timeout);
         while self.received() < expected && Instant::now() < deadline {

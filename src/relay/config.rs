@@ -92,9 +92,7 @@ impl RelayConfig {
             timeout,
         })
     }
-}
 
-impl RelayConfig {
     /// AUTH over a plain connection to another machine: the password
     /// crosses the network unencrypted (loopback is this machine).
     pub fn sends_password_in_clear(&self) -> bool {

@@ -272,12 +272,9 @@ impl SqlStore {
         if chunks.iter().any(|c| c.params() > batch::MAX_PARAMS) {
             return Ok(false);
         }
-        let idems: Vec<&IdemFinish> = messages
-            .iter()
-            .filter_map(|m| m.idempotency.as_ref())
-            .collect();
+        let keyed = messages.iter().any(|m| m.idempotency.is_some());
         let mut conn = self.hot.get(&self.pool).await?;
-        if let ([only], []) = (chunks.as_slice(), idems.as_slice()) {
+        if let ([only], false) = (chunks.as_slice(), keyed) {
             let sql = only.sql();
             only.bind(&sql, now).execute(&mut *conn).await?;
         } else {
@@ -286,7 +283,7 @@ impl SqlStore {
                 let sql = chunk.sql();
                 chunk.bind(&sql, now).execute(&mut *tx).await?;
             }
-            finish_idempotency(&mut tx, &idems).await?;
+            finish_idempotency(&mut tx, messages).await?;
             tx.commit().await?;
         }
         conn.keep();
@@ -581,11 +578,7 @@ impl MessageStore for SqlStore {
             self.insert_messages(&mut tx, &[m], now).await?;
             self.collapse(&mut tx, m, now).await?;
         }
-        let idems: Vec<&IdemFinish> = batch
-            .iter()
-            .filter_map(|m| m.idempotency.as_ref())
-            .collect();
-        finish_idempotency(&mut tx, &idems).await?;
+        finish_idempotency(&mut tx, batch).await?;
         tx.commit().await?;
         conn.keep();
         Ok(())
@@ -742,9 +735,13 @@ impl MessageStore for SqlStore {
 
 /// Stores the answer of each keyed send of an accepted group, for replays:
 /// one statement per chunk of up to 64 (padded by repeating the last row,
-/// which updates nothing twice).
-async fn finish_idempotency(conn: &mut AnyConnection, idems: &[&IdemFinish]) -> StoreResult<()> {
-    for (chunk, size) in batch::padded(idems, 4) {
+/// which updates nothing twice); none for a group without keys.
+async fn finish_idempotency(conn: &mut AnyConnection, messages: &[NewMessage]) -> StoreResult<()> {
+    let idems: Vec<&IdemFinish> = messages
+        .iter()
+        .filter_map(|m| m.idempotency.as_ref())
+        .collect();
+    for (chunk, size) in batch::padded(&idems, 4) {
         let sql = format!(
             "UPDATE idempotency SET state = 'done', response_status = v.column3, \
              response_body = v.column4 FROM (VALUES {}) AS v \

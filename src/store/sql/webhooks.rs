@@ -200,60 +200,51 @@ impl WebhookStore for SqlStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        let ids = candidates
-            .iter()
-            .map(|c| c.try_get::<String, _>("id"))
-            .collect::<Result<Vec<_>, _>>()?;
+        let ids = strings(&candidates, "id")?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         // The candidates still free are leased in one statement (another
-        // dispatcher may have taken some since), then read in one. A lease
-        // need not be durable: lost in a crash, the delivery is taken again.
+        // dispatcher may have taken some since), then read in one, oldest
+        // first. A lease need not be durable: lost in a crash, the delivery
+        // is taken again.
         let mut tx = self.begin_unflushed().await?;
         let taken = batch::fetch_in(
             &mut tx,
             "UPDATE webhook_deliveries SET lease_until = $1 WHERE id IN ({keys}) \
              AND status = 'pending' AND (lease_until IS NULL OR lease_until < $2) RETURNING id",
-            &ids,
+            &ids.iter().map(String::as_str).collect::<Vec<_>>(),
             2,
             |q| q.bind(lease_until).bind(now),
         )
         .await?;
-        let taken = taken
-            .iter()
-            .map(|r| r.try_get::<String, _>("id"))
-            .collect::<Result<Vec<_>, _>>()?;
-        let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
+        let taken = strings(&taken, "id")?;
         let sql = format!(
-            "SELECT d.id AS delivery_id, d.event_id, d.attempts, d.next_attempt_at, e.payload, {} \
+            "SELECT d.id AS delivery_id, d.event_id, d.attempts, e.payload, {} \
              FROM webhook_deliveries d JOIN events e ON e.id = d.event_id \
-             JOIN webhooks w ON w.id = d.webhook_id WHERE d.id IN ({{keys}})",
+             JOIN webhooks w ON w.id = d.webhook_id WHERE d.id IN ({{keys}}) \
+             ORDER BY d.next_attempt_at",
             rows::WEBHOOK_COLUMNS
                 .split(", ")
                 .map(|c| format!("w.{c}"))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
         let found = batch::select_in(&mut tx, &sql, &taken).await?;
         tx.commit().await?;
-        let mut jobs = Vec::with_capacity(found.len());
-        let mut order = Vec::with_capacity(found.len());
-        for row in &found {
-            order.push(row.try_get::<Millis, _>("next_attempt_at")?);
-            jobs.push(WebhookJob {
-                delivery_id: row.try_get("delivery_id")?,
-                event_id: row.try_get("event_id")?,
-                payload: row.try_get("payload")?,
-                attempts: row.try_get("attempts")?,
-                webhook: rows::webhook(row)?,
-            });
-        }
-        // Oldest first, as they were chosen.
-        let mut keyed: Vec<_> = order.into_iter().zip(jobs).collect();
-        keyed.sort_by_key(|(at, _)| *at);
-        Ok(keyed.into_iter().map(|(_, job)| job).collect())
+        found
+            .iter()
+            .map(|row| {
+                Ok(WebhookJob {
+                    delivery_id: row.try_get("delivery_id")?,
+                    event_id: row.try_get("event_id")?,
+                    payload: row.try_get("payload")?,
+                    attempts: row.try_get("attempts")?,
+                    webhook: rows::webhook(row)?,
+                })
+            })
+            .collect()
     }
 
     /// Not flushed on commit: lost in a crash of Postgres, the attempts are
@@ -278,6 +269,11 @@ impl WebhookStore for SqlStore {
                 .await?;
         Ok(row.try_get("n")?)
     }
+}
+
+/// One text column of every row.
+fn strings(found: &[sqlx::any::AnyRow], column: &str) -> Result<Vec<String>, sqlx::Error> {
+    found.iter().map(|r| r.try_get(column)).collect()
 }
 
 const ATTEMPT_COLS: usize = 6;
