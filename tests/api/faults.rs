@@ -2,6 +2,8 @@
 //! Postgres; dependencies down mean 503, never 500.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -22,10 +24,22 @@ async fn burst(
     parallel: usize,
     to: impl Fn(usize) -> String + Send + Sync + Clone + 'static,
 ) -> Vec<String> {
+    burst_counting(api, n, parallel, to, Arc::default()).await
+}
+
+/// [`burst`], counting each 202 in `accepted` as it arrives.
+async fn burst_counting(
+    api: &Client,
+    n: usize,
+    parallel: usize,
+    to: impl Fn(usize) -> String + Send + Sync + Clone + 'static,
+    accepted: Arc<AtomicUsize>,
+) -> Vec<String> {
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..parallel {
         let api = api.clone();
         let to = to.clone();
+        let accepted = accepted.clone();
         tasks.spawn(async move {
             let mut ids = Vec::new();
             for i in (worker..n).step_by(parallel) {
@@ -40,6 +54,7 @@ async fn burst(
                     if r.status() == StatusCode::ACCEPTED {
                         if let Ok(body) = r.json::<serde_json::Value>().await {
                             ids.push(body["id"].as_str().unwrap_or_default().to_string());
+                            accepted.fetch_add(1, Ordering::SeqCst);
                         }
                     }
                 }
@@ -80,19 +95,23 @@ async fn sigkill_mid_burst_loses_nothing(stack: Stack) {
     let smtp = Smtp::start();
     let mut app = ProcApp::start(&env, Some(smtp.relay())).await;
     let api = app.api.clone();
-    let sender =
-        tokio::spawn(
-            async move { burst(&api, 200, 8, |i| format!("slow20-k{i}@example.com")).await },
-        );
-    // Kill once part of the burst is in.
-    eventually(
-        Duration::from_secs(30),
-        "some accepted messages",
-        || async {
-            let r = app.api.get("/v1/messages?limit=60").await;
-            (r.body["data"].as_array().map_or(0, Vec::len) >= 60).then_some(())
-        },
-    )
+    let progress = Arc::new(AtomicUsize::new(0));
+    let counter = progress.clone();
+    let sender = tokio::spawn(async move {
+        burst_counting(
+            &api,
+            200,
+            8,
+            |i| format!("slow20-k{i}@example.com"),
+            counter,
+        )
+        .await
+    });
+    // Kill once the client holds 60 answers (rows in the database are not
+    // enough: a committed message whose 202 was cut off is not accepted).
+    eventually(Duration::from_secs(30), "60 accepted messages", || async {
+        (progress.load(Ordering::SeqCst) >= 60).then_some(())
+    })
     .await;
     app.kill9();
     let accepted = sender.await.unwrap();
