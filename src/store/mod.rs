@@ -193,11 +193,17 @@ pub trait WebhookStore: Send + Sync {
     ) -> StoreResult<bool>;
     /// Adds a `webhook.test` event addressed to one endpoint only.
     async fn test_event(&self, webhook_id: &str, now: Millis) -> StoreResult<String>;
+    /// The ids of the endpoints not disabled.
+    async fn enabled_webhooks(&self) -> StoreResult<Vec<String>>;
+    /// Leases due deliveries: at most `limit` in all, taken from the
+    /// endpoints in `rooms` in order, from each at most its room, oldest
+    /// first (the dispatcher decides the shares).
     async fn claim_webhook_jobs(
         &self,
         now: Millis,
         lease_until: Millis,
-        limit: i64,
+        rooms: &[(String, usize)],
+        limit: usize,
     ) -> StoreResult<Vec<WebhookJob>>;
     /// Records attempts (in one transaction): each delivery's new state,
     /// its attempt log entry, and the endpoints' failing or disabled state.

@@ -6,11 +6,12 @@
 //! schedule until it is exhausted. The `webhook-id` is the event id, the same
 //! on every retry.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -26,6 +27,9 @@ const POLL: Duration = Duration::from_millis(200);
 const BATCH: usize = 64;
 /// Most webhook requests in flight per process.
 const MAX_IN_FLIGHT: usize = 128;
+/// Most requests in flight to one endpoint: one that hangs until the
+/// timeout holds at most half the slots, and the others share the rest.
+const PER_ENDPOINT: usize = MAX_IN_FLIGHT / 2;
 const MAX_BODY: usize = 4096;
 const MAX_RETRY_AFTER: i64 = 24 * 3_600_000;
 
@@ -39,6 +43,82 @@ pub struct Dispatcher {
     /// request timeout (a crash delays its pending deliveries this much).
     lease: Duration,
     metrics: Arc<Metrics>,
+}
+
+/// Requests in flight per endpoint, and a signal when one ends.
+#[derive(Default)]
+struct InFlight {
+    counts: Mutex<HashMap<String, usize>>,
+    ended: Notify,
+}
+
+impl InFlight {
+    fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn snapshot(&self) -> HashMap<String, usize> {
+        self.counts().clone()
+    }
+
+    fn start(&self, endpoint: &str) {
+        *self.counts().entry(endpoint.to_string()).or_default() += 1;
+    }
+
+    fn end(&self, endpoint: &str) {
+        let mut counts = self.counts();
+        if let Some(n) = counts.get_mut(endpoint) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(endpoint);
+            }
+        }
+        drop(counts);
+        self.ended.notify_one();
+    }
+}
+
+/// The ids of the enabled endpoints, read again when a second old: an
+/// endpoint created or enabled elsewhere gets its first deliveries within a
+/// second, and a claim costs no read of the endpoints.
+#[derive(Default)]
+struct Endpoints {
+    read_at: Option<Instant>,
+    ids: Vec<String>,
+}
+
+impl Endpoints {
+    const TTL: Duration = Duration::from_secs(1);
+
+    async fn current(&mut self, store: &dyn Store) -> &[String] {
+        if self.read_at.is_none_or(|at| at.elapsed() >= Self::TTL) {
+            match store.enabled_webhooks().await {
+                Ok(ids) => {
+                    self.ids = ids;
+                    self.read_at = Some(Instant::now());
+                }
+                Err(e) => tracing::warn!(error = %e, "could not read the webhook endpoints"),
+            }
+        }
+        &self.ids
+    }
+}
+
+/// What each endpoint may take in the next claim: its share less its
+/// requests in flight, those with the fewest in flight first (so an
+/// endpoint that is being served slowly comes last).
+fn rooms(endpoints: &[String], busy: &HashMap<String, usize>) -> Vec<(String, usize)> {
+    let mut open: Vec<(usize, &String)> = endpoints
+        .iter()
+        .map(|id| (busy.get(id).copied().unwrap_or(0), id))
+        .filter(|(in_flight, _)| *in_flight < PER_ENDPOINT)
+        .collect();
+    open.sort_unstable();
+    open.into_iter()
+        .map(|(in_flight, id)| (id.clone(), PER_ENDPOINT - in_flight))
+        .collect()
 }
 
 struct Response {
@@ -77,6 +157,8 @@ impl Dispatcher {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let in_flight = Arc::new(InFlight::default());
+        let mut endpoints = Endpoints::default();
         let (results, outcomes) = mpsc::channel(MAX_IN_FLIGHT);
         let recorder = tokio::spawn(record(self.store.clone(), outcomes));
         loop {
@@ -90,10 +172,13 @@ impl Dispatcher {
                 _ = shutdown.cancelled() => break,
             };
             let want = (slots.available_permits() + 1).min(BATCH);
+            let busy = in_flight.snapshot();
+            let rooms = rooms(endpoints.current(&*self.store).await, &busy);
             let now = now_ms();
+            let lease_until = now + self.lease.as_millis() as i64;
             let jobs = match self
                 .store
-                .claim_webhook_jobs(now, now + self.lease.as_millis() as i64, want as i64)
+                .claim_webhook_jobs(now, lease_until, &rooms, want)
                 .await
             {
                 Ok(jobs) => jobs,
@@ -110,19 +195,26 @@ impl Dispatcher {
                 // This loop alone takes slots, and claimed no more than
                 // were free.
                 let permit = permits.next();
-                let (me, results) = (self.clone(), results.clone());
+                let (me, results, in_flight) = (self.clone(), results.clone(), in_flight.clone());
+                in_flight.start(&job.webhook.id);
                 tasks.spawn(async move {
+                    let endpoint = job.webhook.id.clone();
                     let result = me.deliver(job).await;
                     // Waits while the recorder is behind, holding the slot:
                     // posting goes no faster than recording.
                     let _ = results.send(result).await;
                     drop(permit);
+                    in_flight.end(&endpoint);
                 });
             }
             drop(permits);
             if idle {
+                // An endpoint at its share may have due work: look again
+                // when one of its requests ends, not a whole poll later.
+                let capped = busy.values().any(|&n| n >= PER_ENDPOINT);
                 tokio::select! {
                     _ = tokio::time::sleep(POLL) => {}
+                    _ = in_flight.ended.notified(), if capped => {}
                     _ = shutdown.cancelled() => break,
                 }
             } else if shutdown.is_cancelled() {
@@ -309,5 +401,24 @@ async fn record(store: Arc<dyn Store>, mut outcomes: mpsc::Receiver<WebhookResul
         if let Err(e) = store.record_webhook_attempts(&group).await {
             tracing::error!(error = %e, count = group.len(), "could not record webhook attempts; they will be retried after the lease");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{rooms, PER_ENDPOINT};
+    use std::collections::HashMap;
+
+    #[test]
+    fn endpoints_at_their_share_wait_and_the_least_served_go_first() {
+        let endpoints = ["a", "b", "c"].map(String::from);
+        let busy = HashMap::from([("a".to_string(), PER_ENDPOINT), ("b".to_string(), 10)]);
+        assert_eq!(
+            rooms(&endpoints, &busy),
+            vec![
+                ("c".to_string(), PER_ENDPOINT),
+                ("b".to_string(), PER_ENDPOINT - 10)
+            ]
+        );
     }
 }

@@ -4,9 +4,13 @@
 //! event feed.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
 
 use crate::harness::{code_to, eventually, Client, Env, ProcApp, Receiver, Stack, TestApp};
 use crate::on_both_stacks;
@@ -17,6 +21,7 @@ on_both_stacks!(
     gone_disables_and_redirects_are_failures,
     secret_rotation_signs_twice,
     event_feed_pages_without_loss,
+    a_hanging_endpoint_holds_half_the_slots_at_most,
 );
 
 async fn create_hook(api: &Client, url: &str, events: Option<Vec<&str>>) -> (String, String) {
@@ -194,6 +199,141 @@ async fn receiver_down_during_a_burst_loses_nothing(stack: Stack) {
         "webhooks: 100 events caught up in {:?} after the receiver came back",
         started.elapsed()
     );
+    app.stop().await;
+}
+
+/// An endpoint that accepts connections and never answers; it counts the
+/// connections its client still holds open, and closes them all when
+/// dropped.
+struct Hanging {
+    port: u16,
+    open: Arc<AtomicUsize>,
+    closing: CancellationToken,
+}
+
+impl Hanging {
+    async fn start() -> Hanging {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (open, closing) = (Arc::new(AtomicUsize::new(0)), CancellationToken::new());
+        let (count, stop) = (open.clone(), closing.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => return,
+                    },
+                    _ = stop.cancelled() => return,
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let (count, stop) = (count.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut sink = [0u8; 4096];
+                    loop {
+                        tokio::select! {
+                            read = socket.read(&mut sink) => if matches!(read, Ok(0) | Err(_)) { break },
+                            _ = stop.cancelled() => break,
+                        }
+                    }
+                    count.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Hanging {
+            port,
+            open,
+            closing,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    /// Connections the client holds open: its requests in flight here.
+    fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Hanging {
+    fn drop(&mut self) {
+        self.closing.cancel();
+    }
+}
+
+/// One endpoint hangs until the timeout while events keep coming; another
+/// still gets every event at once, and the hanging one never holds more
+/// than half of the 128 request slots.
+async fn a_hanging_endpoint_holds_half_the_slots_at_most(stack: Stack) {
+    let env = Env::new(stack).await;
+    let receiver = Receiver::start();
+    let hanging = Hanging::start().await;
+    let timeout = Duration::from_secs(30);
+    let mut settings = env.settings(None);
+    settings.webhook_timeout = Some("30s".into());
+    let app = TestApp::spawn(settings).await;
+    create_hook(&app.api, &hanging.url(), Some(vec!["message.delivered"])).await;
+    let (_, secret) = create_hook(&app.api, &receiver.url(), Some(vec!["message.delivered"])).await;
+    receiver.configure(&[&secret], &[]).await;
+    let batch = |from: usize, n: usize| {
+        let messages: Vec<Value> = (from..from + n)
+            .map(|i| code_to(&format!("pair{i}@example.com")))
+            .collect();
+        json!({ "messages": messages })
+    };
+    let r = app.api.post("/v1/send/batch", batch(0, 200)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually(
+        Duration::from_secs(30),
+        "the hanging endpoint's share in use",
+        || async { (hanging.open() >= 64).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        hanging.open(),
+        64,
+        "requests in flight to the hanging endpoint"
+    );
+    // More events while it hangs: the other endpoint gets them before the
+    // hanging requests time out (with every slot theirs, it would wait).
+    let started = Instant::now();
+    let r = app.api.post("/v1/send/batch", batch(200, 100)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually(
+        timeout * 2,
+        "300 events at the healthy endpoint",
+        || async {
+            let got: HashSet<String> = receiver
+                .received()
+                .await
+                .iter()
+                .filter(|x| !x["verified_with"].as_array().unwrap().is_empty())
+                .map(|x| {
+                    x["body"]["data"]["message_id"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
+                .collect();
+            (got.len() >= 300).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() < timeout / 2,
+        "the healthy endpoint waited for the hanging one: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        hanging.open(),
+        64,
+        "requests in flight to the hanging endpoint"
+    );
+    // Answer nothing, but close: the requests fail and the app stops at once.
+    drop(hanging);
     app.stop().await;
 }
 

@@ -52,6 +52,10 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         7,
         include_str!("../../../migrations/postgres/0007_recipient_email_lower.sql"),
     ),
+    (
+        8,
+        include_str!("../../../migrations/postgres/0008_webhook_due_per_endpoint.sql"),
+    ),
 ];
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../../migrations/sqlite/0001_init.sql")),
@@ -75,6 +79,10 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (
         7,
         include_str!("../../../migrations/sqlite/0007_recipient_email_lower.sql"),
+    ),
+    (
+        8,
+        include_str!("../../../migrations/sqlite/0008_webhook_due_per_endpoint.sql"),
     ),
 ];
 

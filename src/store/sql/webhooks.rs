@@ -185,29 +185,29 @@ impl WebhookStore for SqlStore {
         Ok(id)
     }
 
+    async fn enabled_webhooks(&self) -> StoreResult<Vec<String>> {
+        let enabled = sqlx::query("SELECT id FROM webhooks WHERE disabled_at IS NULL ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(strings(&enabled, "id")?)
+    }
+
     async fn claim_webhook_jobs(
         &self,
         now: Millis,
         lease_until: Millis,
-        limit: i64,
+        rooms: &[(String, usize)],
+        limit: usize,
     ) -> StoreResult<Vec<WebhookJob>> {
-        let candidates = sqlx::query(
-            "SELECT d.id FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
-             WHERE d.status = 'pending' AND d.next_attempt_at <= $1 AND w.disabled_at IS NULL \
-             AND (d.lease_until IS NULL OR d.lease_until < $1) ORDER BY d.next_attempt_at LIMIT $2",
-        )
-        .bind(now)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        let ids = strings(&candidates, "id")?;
+        let ids = self.due_deliveries(now, rooms, limit).await?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         // The candidates still free are leased in one statement (another
         // dispatcher may have taken some since), then read in one, oldest
-        // first. A lease need not be durable: lost in a crash, the delivery
-        // is taken again.
+        // first, but for an endpoint disabled since the dispatcher read its
+        // list (those wait out their lease). A lease need not be durable:
+        // lost in a crash, the delivery is taken again.
         let mut tx = self.begin_unflushed().await?;
         let taken = batch::fetch_in(
             &mut tx,
@@ -233,18 +233,23 @@ impl WebhookStore for SqlStore {
         let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
         let found = batch::select_in(&mut tx, &sql, &taken).await?;
         tx.commit().await?;
-        found
-            .iter()
-            .map(|row| {
-                Ok(WebhookJob {
-                    delivery_id: row.try_get("delivery_id")?,
-                    event_id: row.try_get("event_id")?,
-                    payload: row.try_get("payload")?,
-                    attempts: row.try_get("attempts")?,
-                    webhook: rows::webhook(row)?,
-                })
-            })
-            .collect()
+        // Filtered here, not in SQL: a condition on the endpoint's row
+        // turned this read by primary keys into a scan of the endpoint's
+        // deliveries (8 ms a call instead of 0.5 in pg_stat_statements).
+        let mut jobs = Vec::with_capacity(found.len());
+        for row in &found {
+            let job = WebhookJob {
+                delivery_id: row.try_get("delivery_id")?,
+                event_id: row.try_get("event_id")?,
+                payload: row.try_get("payload")?,
+                attempts: row.try_get("attempts")?,
+                webhook: rows::webhook(row)?,
+            };
+            if job.webhook.disabled_at.is_none() {
+                jobs.push(job);
+            }
+        }
+        Ok(jobs)
     }
 
     /// Not flushed on commit: lost in a crash of Postgres, the attempts are
@@ -272,6 +277,38 @@ impl WebhookStore for SqlStore {
 }
 
 /// One text column of every row.
+impl SqlStore {
+    /// Up to `limit` ids of due, unleased deliveries: from each endpoint in
+    /// `rooms`, in order, at most its room, oldest first (one index range
+    /// per endpoint, however long another endpoint's backlog).
+    async fn due_deliveries(
+        &self,
+        now: Millis,
+        rooms: &[(String, usize)],
+        limit: usize,
+    ) -> StoreResult<Vec<String>> {
+        let mut ids = Vec::new();
+        for (endpoint, room) in rooms {
+            let want = (*room).min(limit - ids.len());
+            if want == 0 {
+                break;
+            }
+            let found = sqlx::query(
+                "SELECT id FROM webhook_deliveries WHERE webhook_id = $1 AND status = 'pending' \
+                 AND next_attempt_at <= $2 AND (lease_until IS NULL OR lease_until < $2) \
+                 ORDER BY next_attempt_at LIMIT $3",
+            )
+            .bind(endpoint)
+            .bind(now)
+            .bind(want as i64)
+            .fetch_all(&self.pool)
+            .await?;
+            ids.extend(strings(&found, "id")?);
+        }
+        Ok(ids)
+    }
+}
+
 fn strings(found: &[sqlx::any::AnyRow], column: &str) -> Result<Vec<String>, sqlx::Error> {
     found.iter().map(|r| r.try_get(column)).collect()
 }
