@@ -141,7 +141,10 @@ impl Dispatcher {
             .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .pool_max_idle_per_host(8)
+            // A claim posts up to a batch at once: keep a connection for
+            // each request an endpoint may have in flight, or each burst
+            // opens new ones.
+            .pool_max_idle_per_host(PER_ENDPOINT)
             .build()?;
         Ok(Dispatcher {
             store,
