@@ -276,7 +276,6 @@ impl WebhookStore for SqlStore {
     }
 }
 
-/// One text column of every row.
 impl SqlStore {
     /// Up to `limit` ids of due, unleased deliveries: from each endpoint in
     /// `rooms`, in order, at most its room, oldest first (one index range
@@ -309,6 +308,7 @@ impl SqlStore {
     }
 }
 
+/// One text column of every row.
 fn strings(found: &[sqlx::any::AnyRow], column: &str) -> Result<Vec<String>, sqlx::Error> {
     found.iter().map(|r| r.try_get(column)).collect()
 }
