@@ -36,6 +36,22 @@ async fn create_hook(api: &Client, url: &str, events: Option<Vec<&str>>) -> (Str
     (r.body["id"].as_str().unwrap().to_string(), secret)
 }
 
+/// The messages whose events reached `receiver` with a verified signature.
+async fn verified_message_ids(receiver: &Receiver) -> HashSet<String> {
+    receiver
+        .received()
+        .await
+        .iter()
+        .filter(|r| !r["verified_with"].as_array().unwrap().is_empty())
+        .map(|r| {
+            r["body"]["data"]["message_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 async fn signed_and_retried_with_one_id(stack: Stack) {
     let env = Env::new(stack).await;
     let receiver = Receiver::start();
@@ -178,17 +194,7 @@ async fn receiver_down_during_a_burst_loses_nothing(stack: Stack) {
     receiver.start_again_verifying(&[&secret]);
     let started = Instant::now();
     let got = eventually(Duration::from_secs(150), "100 delivered events", || async {
-        let r = receiver.received().await;
-        let messages: HashSet<String> = r
-            .iter()
-            .filter(|x| !x["verified_with"].as_array().unwrap().is_empty())
-            .map(|x| {
-                x["body"]["data"]["message_id"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect();
+        let messages = verified_message_ids(&receiver).await;
         (messages.len() >= 100).then_some(messages)
     })
     .await;
@@ -306,18 +312,7 @@ async fn a_hanging_endpoint_holds_half_the_slots_at_most(stack: Stack) {
         timeout * 2,
         "300 events at the healthy endpoint",
         || async {
-            let got: HashSet<String> = receiver
-                .received()
-                .await
-                .iter()
-                .filter(|x| !x["verified_with"].as_array().unwrap().is_empty())
-                .map(|x| {
-                    x["body"]["data"]["message_id"]
-                        .as_str()
-                        .unwrap()
-                        .to_string()
-                })
-                .collect();
+            let got = verified_message_ids(&receiver).await;
             (got.len() >= 300).then_some(())
         },
     )
@@ -486,18 +481,7 @@ async fn events_survive_a_sigkill_of_mailroom() {
             Duration::from_secs(120),
             "all 20 events after the restart",
             || async {
-                let got: HashSet<String> = receiver
-                    .received()
-                    .await
-                    .iter()
-                    .filter(|r| !r["verified_with"].as_array().unwrap().is_empty())
-                    .map(|r| {
-                        r["body"]["data"]["message_id"]
-                            .as_str()
-                            .unwrap()
-                            .to_string()
-                    })
-                    .collect();
+                let got = verified_message_ids(&receiver).await;
                 ids.iter().all(|id| got.contains(id)).then_some(())
             },
         )
