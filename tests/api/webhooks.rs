@@ -282,6 +282,8 @@ async fn a_hanging_endpoint_holds_half_the_slots_at_most(stack: Stack) {
     let app = TestApp::spawn(settings).await;
     create_hook(&app.api, &hanging.url(), Some(vec!["message.delivered"])).await;
     let (_, secret) = create_hook(&app.api, &receiver.url(), Some(vec!["message.delivered"])).await;
+    // A third endpoint with nothing due: the claim asks all three at once.
+    create_hook(&app.api, &receiver.url(), Some(vec!["message.bounced"])).await;
     receiver.configure(&[&secret], &[]).await;
     let batch = |from: usize, n: usize| {
         let messages: Vec<Value> = (from..from + n)
@@ -322,6 +324,9 @@ async fn a_hanging_endpoint_holds_half_the_slots_at_most(stack: Stack) {
         "the healthy endpoint waited for the hanging one: {:?}",
         started.elapsed()
     );
+    let posts = receiver.received().await;
+    let distinct: HashSet<&str> = posts.iter().filter_map(|r| r["id"].as_str()).collect();
+    assert_eq!(distinct.len(), posts.len(), "an event posted twice");
     assert_eq!(
         hanging.open(),
         64,

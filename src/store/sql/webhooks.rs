@@ -279,7 +279,8 @@ impl WebhookStore for SqlStore {
 impl SqlStore {
     /// Up to `limit` ids of due, unleased deliveries: from each endpoint in
     /// `rooms`, in order, at most its room, oldest first (one index range
-    /// per endpoint, however long another endpoint's backlog).
+    /// per endpoint, however long another endpoint's backlog). Up to
+    /// [`ENDPOINTS_PER_CLAIM`] endpoints are asked in one statement.
     async fn due_deliveries(
         &self,
         now: Millis,
@@ -287,25 +288,57 @@ impl SqlStore {
         limit: usize,
     ) -> StoreResult<Vec<String>> {
         let mut ids = Vec::new();
-        for (endpoint, room) in rooms {
-            let want = (*room).min(limit - ids.len());
-            if want == 0 {
+        for chunk in rooms.chunks(ENDPOINTS_PER_CLAIM) {
+            if ids.len() >= limit {
                 break;
             }
-            let found = sqlx::query(
-                "SELECT id FROM webhook_deliveries WHERE webhook_id = $1 AND status = 'pending' \
-                 AND next_attempt_at <= $2 AND (lease_until IS NULL OR lease_until < $2) \
-                 ORDER BY next_attempt_at LIMIT $3",
-            )
-            .bind(endpoint)
-            .bind(now)
-            .bind(want as i64)
-            .fetch_all(&self.pool)
-            .await?;
-            ids.extend(strings(&found, "id")?);
+            let size = chunk.len().next_power_of_two();
+            let sql = due_per_endpoint_sql(size);
+            let mut query = sqlx::query_scalar::<_, String>(&sql).bind(now);
+            let padding = std::iter::repeat(("", 0));
+            for (endpoint, room) in chunk
+                .iter()
+                .map(|(e, r)| (e.as_str(), *r))
+                .chain(padding)
+                .take(size)
+            {
+                query = query.bind(endpoint).bind(room.min(limit) as i64);
+            }
+            let found = query
+                .bind((limit - ids.len()) as i64)
+                .fetch_all(&self.pool)
+                .await?;
+            ids.extend(found);
         }
         Ok(ids)
     }
+}
+
+/// Most endpoints asked for due deliveries in one statement.
+const ENDPOINTS_PER_CLAIM: usize = 16;
+
+/// The statement asking `size` endpoints (a power of two, at most
+/// [`ENDPOINTS_PER_CLAIM`]; padding binds an empty id and room 0) for their
+/// due deliveries: `$1` now, then each endpoint's id and room, then the
+/// limit of the whole; endpoints in the order bound, each oldest first.
+fn due_per_endpoint_sql(size: usize) -> String {
+    let branches: Vec<String> = (0..size)
+        .map(|i| {
+            format!(
+                "SELECT {i} AS n, id, next_attempt_at FROM (SELECT id, next_attempt_at \
+                 FROM webhook_deliveries WHERE webhook_id = ${} AND status = 'pending' \
+                 AND next_attempt_at <= $1 AND (lease_until IS NULL OR lease_until < $1) \
+                 ORDER BY next_attempt_at LIMIT ${}) AS e{i}",
+                2 + 2 * i,
+                3 + 2 * i
+            )
+        })
+        .collect();
+    format!(
+        "SELECT id FROM ({}) AS due ORDER BY n, next_attempt_at LIMIT ${}",
+        branches.join(" UNION ALL "),
+        2 + 2 * size
+    )
 }
 
 /// One text column of every row.
