@@ -20,7 +20,7 @@ use crate::limiter::{Limiter, MemoryLimiter, RedisLimiter};
 use crate::metrics::Metrics;
 use crate::queue::{MemoryQueue, Queue, RedisQueue};
 use crate::relay::RelayChain;
-use crate::sending::{Committer, DkimSigner, Sender, SenderSettings};
+use crate::sending::{Committer, DkimSigner, Reserver, Sender, SenderSettings};
 use crate::store::{SqlStore, Store};
 use crate::templates::{builtins, TemplateEngine};
 use crate::ttl_cache::TtlCache;
@@ -105,6 +105,8 @@ impl Application {
         let commits = TaskTracker::new();
         let writers = if store.backend() == "sqlite" { 1 } else { 4 };
         let committer = Committer::start(store.clone(), queue.clone(), writers, &commits);
+        let idempotency_ttl = config.idempotency_ttl.as_millis() as i64;
+        let reserver = Reserver::start(store.clone(), idempotency_ttl, writers, &commits);
         let default_from = config
             .default_from
             .as_deref()
@@ -115,6 +117,7 @@ impl Application {
             limiter.clone(),
             Arc::new(TemplateEngine::new()),
             committer,
+            reserver,
             SenderSettings {
                 default_from,
                 idempotency_ttl: config.idempotency_ttl,

@@ -6,6 +6,7 @@ mod commit;
 mod compose;
 mod dkim;
 pub mod request;
+mod reservations;
 mod transfer;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use sha2::{Digest, Sha256};
 pub use commit::{CommitError, Committer};
 pub use dkim::{DkimError, DkimSigner};
 pub use request::{Content, SendRequest};
+pub use reservations::{ReserveError, Reserver};
 
 use crate::domain::{new_id, now_ms, Mailbox, Millis, Priority, Status};
 use crate::error::{ApiError, FieldError};
@@ -64,6 +66,7 @@ pub struct Sender {
     limiter: Arc<dyn Limiter>,
     templates: Arc<TemplateEngine>,
     committer: Committer,
+    reserver: Reserver,
     settings: SenderSettings,
 }
 
@@ -94,6 +97,7 @@ impl Sender {
         limiter: Arc<dyn Limiter>,
         templates: Arc<TemplateEngine>,
         committer: Committer,
+        reserver: Reserver,
         settings: SenderSettings,
     ) -> Sender {
         Sender {
@@ -102,6 +106,7 @@ impl Sender {
             limiter,
             templates,
             committer,
+            reserver,
             settings,
         }
     }
@@ -321,8 +326,13 @@ impl Sender {
             idem_key: idem_key.to_string(),
             request_hash: request_hash(body),
         };
-        let ttl = self.settings.idempotency_ttl.as_millis() as i64;
-        match self.store.idem_begin(&req, now_ms(), ttl).await? {
+        let begun = self.reserver.begin(req).await.map_err(|e| match e {
+            ReserveError::Busy => {
+                ApiError::Unavailable("idempotency keys (too many requests in flight)")
+            }
+            ReserveError::Store(s) => ApiError::from(s),
+        })?;
+        match begun {
             IdemBegin::Reserved => Ok(None),
             IdemBegin::Replay { status, body } => Ok(Some(Accepted {
                 status: StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED),

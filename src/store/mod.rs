@@ -163,6 +163,15 @@ pub trait IdempotencyStore: Send + Sync {
         now: Millis,
         ttl_ms: i64,
     ) -> StoreResult<IdemBegin>;
+    /// [`idem_begin`](Self::idem_begin) for many requests at once, in
+    /// order: keys free now are reserved by one statement; the rest (taken,
+    /// expired, or twice in `reqs`) are answered one by one.
+    async fn idem_begin_many(
+        &self,
+        reqs: &[IdemRequest],
+        now: Millis,
+        ttl_ms: i64,
+    ) -> StoreResult<Vec<IdemBegin>>;
     async fn idem_release(&self, key_id: &str, idem_key: &str) -> StoreResult<()>;
 }
 

@@ -413,6 +413,28 @@ async fn idempotency_replay_conflict_and_race(stack: Stack) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(smtp.received_by("race@example.com").await.len(), 1);
 
+    // One key, two different bodies racing (their reservations share a
+    // group): one message; the others are told the key is in flight (409)
+    // or was used for another body (422), never given a second message.
+    let (a, b) = (
+        code_to("mixed-a@example.com"),
+        code_to("mixed-b@example.com"),
+    );
+    let key = vec![("Idempotency-Key".to_string(), "mixed-1".to_string())];
+    let (left, right) = tokio::join!(race(&app.api, 6, a, key.clone()), race(&app.api, 6, b, key));
+    let all: Vec<_> = left.into_iter().chain(right).collect();
+    let ids: HashSet<&str> = all
+        .iter()
+        .filter(|(s, _)| *s == 202)
+        .map(|(_, b)| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1, "{all:?}");
+    assert!(
+        all.iter()
+            .all(|(s, _)| [202, 409, 422].contains(&s.as_u16())),
+        "{all:?}"
+    );
+
     // Distinct keyed sends at once share a group commit, whose answers are
     // stored in one statement: each key replays its own message.
     let mut tasks = tokio::task::JoinSet::new();

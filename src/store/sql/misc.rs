@@ -1,9 +1,11 @@
 //! Suppressions and idempotency records.
 
+use std::collections::HashSet;
+
 use async_trait::async_trait;
 use sqlx::Row;
 
-use super::SqlStore;
+use super::{batch, SqlStore};
 use crate::domain::Millis;
 use crate::store::records::*;
 use crate::store::{IdempotencyStore, StoreResult, SuppressionStore};
@@ -61,6 +63,49 @@ impl SuppressionStore for SqlStore {
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected() > 0)
+    }
+}
+
+/// An idempotency record's columns as the shared reservation binds them.
+const IDEM_INSERT_COLS: usize = 6;
+
+impl SqlStore {
+    /// Reserves every key among `reqs` that no record holds (one statement
+    /// per power-of-two chunk, on a hot-path connection); returns those
+    /// reserved.
+    async fn reserve_free_keys(
+        &self,
+        reqs: &[&IdemRequest],
+        now: Millis,
+        ttl_ms: i64,
+    ) -> StoreResult<HashSet<(String, String)>> {
+        let mut reserved = HashSet::with_capacity(reqs.len());
+        if reqs.is_empty() {
+            return Ok(reserved);
+        }
+        let mut conn = self.hot.get(&self.pool).await?;
+        for chunk in batch::split(reqs, IDEM_INSERT_COLS) {
+            let sql = format!(
+                "INSERT INTO idempotency (key_id, idem_key, request_hash, created_at, expires_at, state) \
+                 VALUES {} ON CONFLICT (key_id, idem_key) DO NOTHING RETURNING key_id, idem_key",
+                batch::values(chunk.len(), IDEM_INSERT_COLS, 1)
+            );
+            let mut query = sqlx::query(&sql);
+            for req in chunk {
+                query = query
+                    .bind(&req.key_id)
+                    .bind(&req.idem_key)
+                    .bind(&req.request_hash)
+                    .bind(now)
+                    .bind(now + ttl_ms)
+                    .bind("in_flight");
+            }
+            for row in query.fetch_all(&mut *conn).await? {
+                reserved.insert((row.try_get("key_id")?, row.try_get("idem_key")?));
+            }
+        }
+        conn.keep();
+        Ok(reserved)
     }
 }
 
@@ -137,6 +182,35 @@ impl IdempotencyStore for SqlStore {
             });
         }
         Ok(IdemBegin::InFlight)
+    }
+
+    async fn idem_begin_many(
+        &self,
+        reqs: &[IdemRequest],
+        now: Millis,
+        ttl_ms: i64,
+    ) -> StoreResult<Vec<IdemBegin>> {
+        // The first request for each key tries the shared insert; a repeat
+        // of a key within `reqs` finds it taken, one by one, like a
+        // concurrent request would.
+        let mut seen = HashSet::new();
+        let firsts: Vec<&IdemRequest> = reqs
+            .iter()
+            .filter(|r| seen.insert((r.key_id.as_str(), r.idem_key.as_str())))
+            .collect();
+        let reserved = self.reserve_free_keys(&firsts, now, ttl_ms).await?;
+        let mut answers = Vec::with_capacity(reqs.len());
+        let mut first_seen = HashSet::new();
+        for req in reqs {
+            let key = (req.key_id.clone(), req.idem_key.clone());
+            let first = first_seen.insert(key.clone());
+            answers.push(if first && reserved.contains(&key) {
+                IdemBegin::Reserved
+            } else {
+                self.idem_begin(req, now, ttl_ms).await?
+            });
+        }
+        Ok(answers)
     }
 
     async fn idem_release(&self, key_id: &str, idem_key: &str) -> StoreResult<()> {
