@@ -7,9 +7,10 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
+use super::gather::{Gather, Limits};
 use crate::domain::now_ms;
 use crate::queue::Queue;
 use crate::store::{NewMessage, Store, StoreError};
@@ -34,7 +35,7 @@ pub enum CommitError {
 
 #[derive(Clone)]
 pub struct Committer {
-    tx: mpsc::Sender<Job>,
+    jobs: Gather<Job>,
 }
 
 impl Committer {
@@ -46,18 +47,21 @@ impl Committer {
         writers: usize,
         tracker: &TaskTracker,
     ) -> Committer {
-        let (tx, rx) = mpsc::channel(BACKLOG);
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..writers.max(1) {
-            tracker.spawn(writer(store.clone(), queue.clone(), rx.clone()));
-        }
-        Committer { tx }
+        let limits = Limits {
+            backlog: BACKLOG,
+            max_group: MAX_GROUP,
+            weight: |job: &Job| job.messages.len(),
+        };
+        let jobs = Gather::start(limits, writers, tracker, move |group| {
+            commit_group(store.clone(), queue.clone(), group)
+        });
+        Committer { jobs }
     }
 
     pub async fn commit(&self, messages: Vec<NewMessage>) -> Result<(), CommitError> {
         let (done, wait) = oneshot::channel();
-        self.tx
-            .try_send(Job { messages, done })
+        self.jobs
+            .send(Job { messages, done })
             .map_err(|_| CommitError::Busy)?;
         wait.await
             .map_err(|_| CommitError::Busy)?
@@ -65,58 +69,39 @@ impl Committer {
     }
 }
 
-async fn next_group(rx: &Mutex<mpsc::Receiver<Job>>) -> Option<Vec<Job>> {
-    let mut rx = rx.lock().await;
-    let first = rx.recv().await?;
-    let mut count = first.messages.len();
-    let mut group = vec![first];
-    while count < MAX_GROUP {
-        match rx.try_recv() {
-            Ok(job) => {
-                count += job.messages.len();
-                group.push(job);
-            }
-            Err(_) => break,
-        }
+async fn commit_group(store: Arc<dyn Store>, queue: Arc<dyn Queue>, group: Vec<Job>) {
+    // Move the messages out of their jobs (MIME bodies are not copied),
+    // remembering which range belongs to which caller.
+    let mut all: Vec<NewMessage> = Vec::new();
+    let mut callers = Vec::with_capacity(group.len());
+    for job in group {
+        let start = all.len();
+        all.extend(job.messages);
+        callers.push((start..all.len(), job.done));
     }
-    Some(group)
-}
-
-async fn writer(store: Arc<dyn Store>, queue: Arc<dyn Queue>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
-    while let Some(group) = next_group(&rx).await {
-        // Move the messages out of their jobs (MIME bodies are not copied),
-        // remembering which range belongs to which caller.
-        let mut all: Vec<NewMessage> = Vec::new();
-        let mut callers = Vec::with_capacity(group.len());
-        for job in group {
-            let start = all.len();
-            all.extend(job.messages);
-            callers.push((start..all.len(), job.done));
+    match store.accept(&all, now_ms()).await {
+        Ok(()) => {
+            for (_, done) in callers {
+                let _ = done.send(Ok(()));
+            }
+            enqueue(queue.as_ref(), &all).await;
         }
-        match store.accept(&all, now_ms()).await {
-            Ok(()) => {
-                for (_, done) in callers {
-                    let _ = done.send(Ok(()));
-                }
-                enqueue(queue.as_ref(), &all).await;
-            }
-            Err(e @ StoreError::Unavailable(_)) if callers.len() == 1 => {
-                let _ = callers
-                    .into_iter()
-                    .next()
-                    .map(|(_, done)| done.send(Err(e)));
-            }
-            Err(e) => {
-                // One bad request must not fail its neighbours: commit alone.
-                tracing::debug!(error = %e, size = callers.len(), "group commit failed; committing one by one");
-                for (range, done) in callers {
-                    let mine = &all[range];
-                    let result = store.accept(mine, now_ms()).await;
-                    let accepted = result.is_ok();
-                    let _ = done.send(result);
-                    if accepted {
-                        enqueue(queue.as_ref(), mine).await;
-                    }
+        Err(e @ StoreError::Unavailable(_)) if callers.len() == 1 => {
+            let _ = callers
+                .into_iter()
+                .next()
+                .map(|(_, done)| done.send(Err(e)));
+        }
+        Err(e) => {
+            // One bad request must not fail its neighbours: commit alone.
+            tracing::debug!(error = %e, size = callers.len(), "group commit failed; committing one by one");
+            for (range, done) in callers {
+                let mine = &all[range];
+                let result = store.accept(mine, now_ms()).await;
+                let accepted = result.is_ok();
+                let _ = done.send(result);
+                if accepted {
+                    enqueue(queue.as_ref(), mine).await;
                 }
             }
         }

@@ -5,6 +5,7 @@
 mod commit;
 mod compose;
 mod dkim;
+mod gather;
 pub mod request;
 mod reservations;
 mod transfer;

@@ -6,9 +6,10 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
+use super::gather::{Gather, Limits};
 use crate::domain::now_ms;
 use crate::store::{IdemBegin, IdemRequest, Store, StoreError};
 
@@ -32,7 +33,7 @@ pub enum ReserveError {
 
 #[derive(Clone)]
 pub struct Reserver {
-    tx: mpsc::Sender<Job>,
+    jobs: Gather<Job>,
 }
 
 impl Reserver {
@@ -44,18 +45,21 @@ impl Reserver {
         writers: usize,
         tracker: &TaskTracker,
     ) -> Reserver {
-        let (tx, rx) = mpsc::channel(BACKLOG);
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..writers.max(1) {
-            tracker.spawn(writer(store.clone(), ttl_ms, rx.clone()));
-        }
-        Reserver { tx }
+        let limits = Limits {
+            backlog: BACKLOG,
+            max_group: MAX_GROUP,
+            weight: |_: &Job| 1,
+        };
+        let jobs = Gather::start(limits, writers, tracker, move |group| {
+            reserve_group(store.clone(), ttl_ms, group)
+        });
+        Reserver { jobs }
     }
 
     pub async fn begin(&self, req: IdemRequest) -> Result<IdemBegin, ReserveError> {
         let (done, wait) = oneshot::channel();
-        self.tx
-            .try_send(Job { req, done })
+        self.jobs
+            .send(Job { req, done })
             .map_err(|_| ReserveError::Busy)?;
         wait.await
             .map_err(|_| ReserveError::Busy)?
@@ -63,35 +67,20 @@ impl Reserver {
     }
 }
 
-async fn next_group(rx: &Mutex<mpsc::Receiver<Job>>) -> Option<Vec<Job>> {
-    let mut rx = rx.lock().await;
-    let first = rx.recv().await?;
-    let mut group = vec![first];
-    while group.len() < MAX_GROUP {
-        match rx.try_recv() {
-            Ok(job) => group.push(job),
-            Err(_) => break,
-        }
-    }
-    Some(group)
-}
-
-async fn writer(store: Arc<dyn Store>, ttl_ms: i64, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
-    while let Some(group) = next_group(&rx).await {
-        let reqs: Vec<IdemRequest> = group.iter().map(|job| job.req.clone()).collect();
-        let now = now_ms();
-        match store.idem_begin_many(&reqs, now, ttl_ms).await {
-            Ok(answers) if answers.len() == group.len() => {
-                for (job, answer) in group.into_iter().zip(answers) {
-                    let _ = job.done.send(Ok(answer));
-                }
+async fn reserve_group(store: Arc<dyn Store>, ttl_ms: i64, group: Vec<Job>) {
+    let reqs: Vec<IdemRequest> = group.iter().map(|job| job.req.clone()).collect();
+    let now = now_ms();
+    match store.idem_begin_many(&reqs, now, ttl_ms).await {
+        Ok(answers) if answers.len() == group.len() => {
+            for (job, answer) in group.into_iter().zip(answers) {
+                let _ = job.done.send(Ok(answer));
             }
-            _ => {
-                // One failure must not decide its neighbours: one by one.
-                for job in group {
-                    let answer = store.idem_begin(&job.req, now, ttl_ms).await;
-                    let _ = job.done.send(answer);
-                }
+        }
+        _ => {
+            // One failure must not decide its neighbours: one by one.
+            for job in group {
+                let answer = store.idem_begin(&job.req, now, ttl_ms).await;
+                let _ = job.done.send(answer);
             }
         }
     }
