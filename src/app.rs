@@ -120,7 +120,6 @@ impl Application {
             reserver,
             SenderSettings {
                 default_from,
-                idempotency_ttl: config.idempotency_ttl,
                 max_attachment_bytes: config.max_attachment_bytes,
                 dkim: DkimSigner::load(&config.dkim_keys)?,
             },

@@ -52,7 +52,6 @@ struct Prepared {
 
 pub struct SenderSettings {
     pub default_from: Option<Mailbox>,
-    pub idempotency_ttl: Duration,
     pub max_attachment_bytes: usize,
     pub dkim: DkimSigner,
 }

@@ -198,13 +198,12 @@ impl IdempotencyStore for SqlStore {
             .iter()
             .filter(|r| seen.insert((r.key_id.as_str(), r.idem_key.as_str())))
             .collect();
-        let reserved = self.reserve_free_keys(&firsts, now, ttl_ms).await?;
+        let mut reserved = self.reserve_free_keys(&firsts, now, ttl_ms).await?;
         let mut answers = Vec::with_capacity(reqs.len());
-        let mut first_seen = HashSet::new();
         for req in reqs {
+            // The first request for a reserved key takes it out of the set.
             let key = (req.key_id.clone(), req.idem_key.clone());
-            let first = first_seen.insert(key.clone());
-            answers.push(if first && reserved.contains(&key) {
+            answers.push(if reserved.remove(&key) {
                 IdemBegin::Reserved
             } else {
                 self.idem_begin(req, now, ttl_ms).await?
