@@ -103,7 +103,11 @@ impl Application {
         let relays = RelayChain::from_config(&config.relays, config.relay_ca_file.as_deref())?;
         let metrics = Arc::new(Metrics::new());
         let commits = TaskTracker::new();
-        let writers = if store.backend() == "sqlite" { 1 } else { 4 };
+        // Two group-commit writers on Postgres: while one group commits the
+        // next gathers, and groups stay large (four split the same load into
+        // groups half the size, and Postgres spent ~30% more CPU per accept;
+        // docs/performance.md, 2026-12-05). SQLite has one connection.
+        let writers = if store.backend() == "sqlite" { 1 } else { 2 };
         let committer = Committer::start(store.clone(), queue.clone(), writers, &commits);
         let idempotency_ttl = config.idempotency_ttl.as_millis() as i64;
         let reserver = Reserver::start(store.clone(), idempotency_ttl, writers, &commits);
