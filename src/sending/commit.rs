@@ -59,11 +59,9 @@ impl Committer {
     }
 
     pub async fn commit(&self, messages: Vec<NewMessage>) -> Result<(), CommitError> {
-        let (done, wait) = oneshot::channel();
         self.jobs
-            .send(Job { messages, done })
-            .map_err(|_| CommitError::Busy)?;
-        wait.await
+            .ask(|done| Job { messages, done })
+            .await
             .map_err(|_| CommitError::Busy)?
             .map_err(CommitError::Store)
     }

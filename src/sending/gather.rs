@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_util::task::TaskTracker;
 
 /// How many jobs may wait, and how much one group may hold.
@@ -64,6 +64,15 @@ impl<J: Send + 'static> Gather<J> {
 
     pub fn send(&self, job: J) -> Result<(), Full> {
         self.tx.try_send(job).map_err(|_| Full)
+    }
+
+    /// Sends the job `make` builds around a reply channel and waits for its
+    /// reply; [`Full`] if the channel was full or the job was dropped
+    /// unanswered (its writers gone).
+    pub async fn ask<R>(&self, make: impl FnOnce(oneshot::Sender<R>) -> J) -> Result<R, Full> {
+        let (done, wait) = oneshot::channel();
+        self.send(make(done))?;
+        wait.await.map_err(|_| Full)
     }
 }
 

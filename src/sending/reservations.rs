@@ -57,11 +57,9 @@ impl Reserver {
     }
 
     pub async fn begin(&self, req: IdemRequest) -> Result<IdemBegin, ReserveError> {
-        let (done, wait) = oneshot::channel();
         self.jobs
-            .send(Job { req, done })
-            .map_err(|_| ReserveError::Busy)?;
-        wait.await
+            .ask(|done| Job { req, done })
+            .await
             .map_err(|_| ReserveError::Busy)?
             .map_err(ReserveError::Store)
     }
