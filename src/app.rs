@@ -106,7 +106,10 @@ impl Application {
         // Two group-commit writers on Postgres: while one group commits the
         // next gathers, and groups stay large (four split the same load into
         // groups half the size, and Postgres spent ~30% more CPU per accept;
-        // docs/performance.md, 2026-12-05). SQLite has one connection.
+        // docs/performance.md, 2026-12-05). One, with the linger in
+        // `sending::gather`, took 4-16% more accepts/s, but then one slow
+        // commit or enqueue holds up every accept: two keep the tail short.
+        // SQLite has one connection.
         let writers = if store.backend() == "sqlite" { 1 } else { 2 };
         let committer = Committer::start(store.clone(), queue.clone(), writers, &commits);
         let idempotency_ttl = config.idempotency_ttl.as_millis() as i64;
