@@ -77,7 +77,7 @@ impl<J: Send + 'static> Gather<J> {
         Gather { tx }
     }
 
-    pub fn send(&self, job: J) -> Result<(), Full> {
+    fn send(&self, job: J) -> Result<(), Full> {
         self.tx.try_send(job).map_err(|_| Full)
     }
 
