@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::extract::page;
 use super::{AppState, Auth, Params, Routes};
-use crate::domain::{format_ms, now_ms, Status};
+use crate::domain::{format_ms, now_ms, EmailAddress, Status};
 use crate::error::ApiError;
 use crate::keys::Scope;
 use crate::store::{
@@ -105,6 +105,13 @@ async fn visible(state: &AppState, auth: &Auth, id: &str) -> Result<MessageRecor
     }
 }
 
+/// The `to` filter as recipients are stored: an address's canonical form
+/// (an IDN domain in ASCII, lower-cased), so that `to=lilei@例子.中国` finds
+/// what was sent there; anything that is not an address is matched as given.
+fn recipient_key(to: &str) -> String {
+    EmailAddress::parse(to).map_or_else(|_| to.to_lowercase(), |e| e.key())
+}
+
 async fn list(
     State(state): State<AppState>,
     auth: Auth,
@@ -124,7 +131,7 @@ async fn list(
         key_id: auth.owner_filter(),
         status,
         tag: params.str("tag").map(str::to_string),
-        to: params.str("to").map(str::to_string),
+        to: params.str("to").map(recipient_key),
         since: params.time("since")?,
         until: params.time("until")?,
         before_id: params

@@ -269,12 +269,14 @@ impl Sender {
                 if !seen.insert(m.email.key()) {
                     continue;
                 }
+                // The 202 shows each recipient as it is stored and as
+                // events, webhooks and lists name it (an IDN domain in ASCII).
                 recipients.push(NewRecipient {
                     kind,
                     address: m.to_string(),
                     email: m.email.envelope(),
                 });
-                shown.push(json!({"email": m.email.to_string(), "name": m.name, "type": kind, "status": status.as_str()}));
+                shown.push(json!({"email": m.email.envelope(), "name": m.name, "type": kind, "status": status.as_str()}));
             }
         }
         let priority = req

@@ -132,16 +132,21 @@ async fn builtin_templates_in_two_languages(stack: Stack) {
             "data": {"code": "493817", "name": "Bo", "product": "Acme"}
         }))
         .await;
-    let zh = app
+    let accepted = app
         .api
-        .send(json!({
-            "template": "password-reset",
-            "locale": "zh-CN",
-            "from": "Acme <no-reply@acme.test>",
-            "to": ["李雷 <lilei@例子.中国>"],
-            "data": {"reset_url": "https://acme.test/r?a=1&b=2", "name": "李雷"}
-        }))
+        .post(
+            "/v1/send",
+            json!({
+                "template": "password-reset",
+                "locale": "zh-CN",
+                "from": "Acme <no-reply@acme.test>",
+                "to": ["李雷 <lilei@例子.中国>"],
+                "data": {"reset_url": "https://acme.test/r?a=1&b=2", "name": "李雷"}
+            }),
+        )
         .await;
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    let zh = accepted.body["id"].as_str().expect("id").to_string();
     let m = app.api.wait_status(&en, "delivered").await;
     assert_eq!(m["recipients"][0]["smtp_code"], 250);
     assert_eq!(
@@ -149,7 +154,27 @@ async fn builtin_templates_in_two_languages(stack: Stack) {
         format!("smtp://127.0.0.1:{}", smtp.port)
     );
     assert_eq!(m["events"][0]["type"], "message.delivered");
-    app.api.wait_status(&zh, "delivered").await;
+    let zh_message = app.api.wait_status(&zh, "delivered").await;
+    // One name for the recipient everywhere: the 202, the message, its
+    // events; and a list by the address as the client wrote it finds it.
+    let stored = "lilei@xn--fsqu00a.xn--fiqs8s";
+    assert_eq!(accepted.body["recipients"][0]["email"], stored);
+    assert_eq!(zh_message["recipients"][0]["email"], stored);
+    assert_eq!(
+        zh_message["recipients"][0]["address"],
+        "李雷 <lilei@例子.中国>"
+    );
+    assert_eq!(zh_message["events"][0]["data"]["recipient"], stored);
+    for to in ["lilei@例子.中国", "LILEI@例子.中国", stored] {
+        let listed = app
+            .api
+            .get(&format!(
+                "/v1/messages?to={}",
+                percent_encoding::utf8_percent_encode(to, percent_encoding::NON_ALPHANUMERIC)
+            ))
+            .await;
+        assert_eq!(listed.body["data"][0]["id"], zh.as_str(), "to={to}");
+    }
 
     let got = smtp.wait_for("bo@example.com").await;
     assert_eq!(got["subject"], "Acme: your verification code");
