@@ -269,13 +269,13 @@ impl Sender {
                 if !seen.insert(m.email.key()) {
                     continue;
                 }
-                // The 202 shows each recipient as it is stored and as
-                // events, webhooks and lists name it (an IDN domain in ASCII).
                 recipients.push(NewRecipient {
                     kind,
                     address: m.to_string(),
                     email: m.email.envelope(),
                 });
+                // The 202 names each recipient as it is stored and as
+                // events, webhooks and lists do (an IDN domain in ASCII).
                 shown.push(json!({"email": m.email.envelope(), "name": m.name, "type": kind, "status": status.as_str()}));
             }
         }
