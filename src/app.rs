@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -161,6 +162,8 @@ impl Application {
                     tracing::info!(pending, "rebuilt the in-process queue from the store");
                 }
             }
+            // Recorded outcomes wake the dispatcher of the same process.
+            let webhooks_due = Arc::new(Notify::new());
             let worker = Arc::new(Worker {
                 store: store.clone(),
                 queue: queue.clone(),
@@ -174,6 +177,7 @@ impl Application {
                 concurrency: config.workers,
                 owner: format!("w-{}", uuid::Uuid::new_v4().simple()),
                 metrics: metrics.clone(),
+                webhooks_due: webhooks_due.clone(),
             });
             let sweeper = Sweeper {
                 store: store.clone(),
@@ -188,6 +192,7 @@ impl Application {
                 config.webhook_allow_private,
                 config.webhook_disable_after,
                 metrics.clone(),
+                webhooks_due,
             )?);
             (Some(worker), Some(sweeper), Some(dispatcher))
         } else {

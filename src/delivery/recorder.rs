@@ -1,13 +1,15 @@
 //! Group commit for delivery outcomes: reports from concurrent deliveries
 //! are recorded in one store transaction, and each delivery learns its own
 //! result. If a group fails, its reports are recorded one by one so one bad
-//! report cannot fail its neighbours.
+//! report cannot fail its neighbours. Each recorded group wakes this
+//! process's webhook dispatcher, so that the webhooks its events are due
+//! for go out now rather than at the dispatcher's next poll.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex, Notify};
 
 use crate::store::{DeliveryReport, RecordResult, Store, StoreError, StoreResult};
 
@@ -29,12 +31,13 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Starts `writers` recording loops (they end when every clone is dropped).
-    pub fn start(store: Arc<dyn Store>, writers: usize) -> Recorder {
+    /// Starts `writers` recording loops (they end when every clone is
+    /// dropped); `webhooks_due` is notified after each recorded group.
+    pub fn start(store: Arc<dyn Store>, writers: usize, webhooks_due: Arc<Notify>) -> Recorder {
         let (tx, rx) = mpsc::channel(4096);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..writers.max(1) {
-            tokio::spawn(writer(store.clone(), rx.clone()));
+            tokio::spawn(writer(store.clone(), rx.clone(), webhooks_due.clone()));
         }
         Recorder { tx }
     }
@@ -49,7 +52,11 @@ impl Recorder {
     }
 }
 
-async fn writer(store: Arc<dyn Store>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+async fn writer(
+    store: Arc<dyn Store>,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    webhooks_due: Arc<Notify>,
+) {
     loop {
         let group = {
             let mut rx = rx.lock().await;
@@ -75,6 +82,7 @@ async fn writer(store: Arc<dyn Store>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
             group.into_iter().map(|j| (j.report, j.done)).unzip();
         match store.record_many(&reports).await {
             Ok(results) => {
+                webhooks_due.notify_one();
                 for (done, result) in waiting.into_iter().zip(results) {
                     let _ = done.send(Ok(result));
                 }
@@ -90,6 +98,7 @@ async fn writer(store: Arc<dyn Store>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
                         });
                     let _ = done.send(result);
                 }
+                webhooks_due.notify_one();
             }
             Err(e) => {
                 if let Some(done) = waiting.into_iter().next() {

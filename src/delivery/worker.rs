@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -58,13 +58,16 @@ pub struct Worker {
     pub concurrency: usize,
     pub owner: String,
     pub metrics: Arc<Metrics>,
+    /// Notified when outcomes are recorded (their events may be due at
+    /// webhook endpoints): this process's webhook dispatcher waits on it.
+    pub webhooks_due: Arc<Notify>,
 }
 
 impl Worker {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let (acks, acking) = Acks::start(self.queue.clone());
         let outcomes = Outcomes {
-            recorder: Recorder::start(self.store.clone(), 2),
+            recorder: Recorder::start(self.store.clone(), 2, self.webhooks_due.clone()),
             acks,
             recording: Arc::new(Semaphore::new(self.concurrency)),
         };

@@ -23,6 +23,11 @@ use crate::metrics::Metrics;
 use crate::store::{Store, WebhookJob, WebhookResult};
 
 const POLL: Duration = Duration::from_millis(200);
+/// The least time from one claim to the next when recorded events wake
+/// the dispatcher: under load each recorded group would otherwise be a
+/// claim of its own (docs/performance.md, 2026-12-05: +27% claims, +7% of
+/// Postgres's CPU per message); a webhook waits at most this long for it.
+const WAKE_GAP: Duration = Duration::from_millis(25);
 /// Most deliveries claimed at once.
 const BATCH: usize = 64;
 /// Most webhook requests in flight per process.
@@ -43,6 +48,10 @@ pub struct Dispatcher {
     /// request timeout (a crash delays its pending deliveries this much).
     lease: Duration,
     metrics: Arc<Metrics>,
+    /// Notified when this process has written events (recorded delivery
+    /// outcomes): an idle dispatcher claims at once instead of at its next
+    /// poll. Events written elsewhere are found by the poll.
+    due: Arc<Notify>,
 }
 
 /// Requests in flight per endpoint, and a signal when one ends.
@@ -135,6 +144,7 @@ impl Dispatcher {
         allow_private: bool,
         disable_after: Duration,
         metrics: Arc<Metrics>,
+        due: Arc<Notify>,
     ) -> anyhow::Result<Dispatcher> {
         let client = reqwest::Client::builder()
             .dns_resolver(Arc::new(SafeResolver { allow_private }))
@@ -154,6 +164,7 @@ impl Dispatcher {
             disable_after,
             lease: timeout * 2,
             metrics,
+            due,
         })
     }
 
@@ -164,6 +175,7 @@ impl Dispatcher {
         let mut endpoints = Endpoints::default();
         let (results, outcomes) = mpsc::channel(MAX_IN_FLIGHT);
         let recorder = tokio::spawn(record(self.store.clone(), outcomes));
+        let mut last_claim;
         loop {
             // Claim only what can be posted now: a claimed delivery waiting
             // for a slot would only age its lease.
@@ -177,6 +189,7 @@ impl Dispatcher {
             let want = (slots.available_permits() + 1).min(BATCH);
             let busy = in_flight.snapshot();
             let rooms = rooms(endpoints.current(&*self.store).await, &busy);
+            last_claim = Instant::now();
             let now = now_ms();
             let lease_until = now + self.lease.as_millis() as i64;
             let jobs = match self
@@ -215,10 +228,17 @@ impl Dispatcher {
                 // An endpoint at its share may have due work: look again
                 // when one of its requests ends, not a whole poll later.
                 let capped = busy.values().any(|&n| n >= PER_ENDPOINT);
-                tokio::select! {
-                    _ = tokio::time::sleep(POLL) => {}
-                    _ = in_flight.ended.notified(), if capped => {}
-                    _ = shutdown.cancelled() => break,
+                let ended = capped.then_some(&in_flight.ended);
+                match wait_idle(&self.due, ended, &shutdown).await {
+                    Woken::Shutdown => break,
+                    Woken::Due => {
+                        let at = tokio::time::Instant::from_std(last_claim + WAKE_GAP);
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(at) => {}
+                            _ = shutdown.cancelled() => break,
+                        }
+                    }
+                    Woken::Poll | Woken::Ended => {}
                 }
             } else if shutdown.is_cancelled() {
                 break;
@@ -377,6 +397,29 @@ impl Dispatcher {
     }
 }
 
+/// What ended an idle dispatcher's wait.
+#[derive(Debug, PartialEq)]
+enum Woken {
+    Poll,
+    /// This process recorded events.
+    Due,
+    /// A request of an endpoint at its share ended.
+    Ended,
+    Shutdown,
+}
+
+/// Waits, with nothing to claim, for the next poll, for events recorded by
+/// this process, for a request of a capped endpoint to end (`ended`), or
+/// for shutdown.
+async fn wait_idle(due: &Notify, ended: Option<&Notify>, shutdown: &CancellationToken) -> Woken {
+    tokio::select! {
+        _ = tokio::time::sleep(POLL) => Woken::Poll,
+        _ = due.notified() => Woken::Due,
+        _ = async { ended?.notified().await; Some(()) }, if ended.is_some() => Woken::Ended,
+        _ = shutdown.cancelled() => Woken::Shutdown,
+    }
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -409,8 +452,25 @@ async fn record(store: Arc<dyn Store>, mut outcomes: mpsc::Receiver<WebhookResul
 
 #[cfg(test)]
 mod tests {
-    use super::{rooms, PER_ENDPOINT};
+    use super::{rooms, wait_idle, Woken, PER_ENDPOINT};
     use std::collections::HashMap;
+    use tokio::sync::Notify;
+    use tokio_util::sync::CancellationToken;
+
+    /// Outcomes recorded by this process end an idle wait at once, even
+    /// when they were recorded just before the dispatcher began waiting.
+    #[tokio::test]
+    async fn recorded_events_wake_an_idle_dispatcher() {
+        let (due, shutdown) = (Notify::new(), CancellationToken::new());
+        due.notify_one();
+        assert_eq!(wait_idle(&due, None, &shutdown).await, Woken::Due);
+        let ended = Notify::new();
+        ended.notify_one();
+        assert_eq!(wait_idle(&due, Some(&ended), &shutdown).await, Woken::Ended);
+        assert_eq!(wait_idle(&due, None, &shutdown).await, Woken::Poll);
+        shutdown.cancel();
+        assert_eq!(wait_idle(&due, None, &shutdown).await, Woken::Shutdown);
+    }
 
     #[test]
     fn endpoints_at_their_share_wait_and_the_least_served_go_first() {
