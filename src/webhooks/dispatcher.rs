@@ -27,6 +27,7 @@ const POLL: Duration = Duration::from_millis(200);
 /// the dispatcher: under load each recorded group would otherwise be a
 /// claim of its own (docs/performance.md, 2026-12-05: +27% claims, +7% of
 /// Postgres's CPU per message); a webhook waits at most this long for it.
+/// A capped endpoint's ended request ends the wait, as it ends a poll.
 const WAKE_GAP: Duration = Duration::from_millis(25);
 /// Most deliveries claimed at once.
 const BATCH: usize = 64;
@@ -232,9 +233,12 @@ impl Dispatcher {
                 match wait_idle(&self.due, ended, &shutdown).await {
                     Woken::Shutdown => break,
                     Woken::Due => {
+                        // A capped endpoint's ended request still claims
+                        // at once, as without the wake.
                         let at = tokio::time::Instant::from_std(last_claim + WAKE_GAP);
                         tokio::select! {
                             _ = tokio::time::sleep_until(at) => {}
+                            _ = async { ended?.notified().await; Some(()) }, if ended.is_some() => {}
                             _ = shutdown.cancelled() => break,
                         }
                     }
