@@ -230,19 +230,8 @@ impl Dispatcher {
                 // when one of its requests ends, not a whole poll later.
                 let capped = busy.values().any(|&n| n >= PER_ENDPOINT);
                 let ended = capped.then_some(&in_flight.ended);
-                match wait_idle(&self.due, ended, &shutdown).await {
-                    Woken::Shutdown => break,
-                    Woken::Due => {
-                        // A capped endpoint's ended request still claims
-                        // at once, as without the wake.
-                        let at = tokio::time::Instant::from_std(last_claim + WAKE_GAP);
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(at) => {}
-                            _ = async { ended?.notified().await; Some(()) }, if ended.is_some() => {}
-                            _ = shutdown.cancelled() => break,
-                        }
-                    }
-                    Woken::Poll | Woken::Ended => {}
+                if rest(&self.due, ended, last_claim, &shutdown).await == Woken::Shutdown {
+                    break;
                 }
             } else if shutdown.is_cancelled() {
                 break;
@@ -424,6 +413,27 @@ async fn wait_idle(due: &Notify, ended: Option<&Notify>, shutdown: &Cancellation
     }
 }
 
+/// An idle dispatcher's rest: [`wait_idle`], and after a wake by recorded
+/// events what is left of [`WAKE_GAP`] since the last claim — cut short,
+/// as a poll is, when a request of a capped endpoint (`ended`) ends.
+async fn rest(
+    due: &Notify,
+    ended: Option<&Notify>,
+    last_claim: Instant,
+    shutdown: &CancellationToken,
+) -> Woken {
+    let woken = wait_idle(due, ended, shutdown).await;
+    if woken != Woken::Due {
+        return woken;
+    }
+    let at = tokio::time::Instant::from_std(last_claim + WAKE_GAP);
+    tokio::select! {
+        _ = tokio::time::sleep_until(at) => Woken::Due,
+        _ = async { ended?.notified().await; Some(()) }, if ended.is_some() => Woken::Ended,
+        _ = shutdown.cancelled() => Woken::Shutdown,
+    }
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -456,8 +466,9 @@ async fn record(store: Arc<dyn Store>, mut outcomes: mpsc::Receiver<WebhookResul
 
 #[cfg(test)]
 mod tests {
-    use super::{rooms, wait_idle, Woken, PER_ENDPOINT};
+    use super::{rest, rooms, wait_idle, Woken, PER_ENDPOINT, WAKE_GAP};
     use std::collections::HashMap;
+    use std::time::Instant;
     use tokio::sync::Notify;
     use tokio_util::sync::CancellationToken;
 
@@ -474,6 +485,28 @@ mod tests {
         assert_eq!(wait_idle(&due, None, &shutdown).await, Woken::Poll);
         shutdown.cancel();
         assert_eq!(wait_idle(&due, None, &shutdown).await, Woken::Shutdown);
+    }
+
+    /// Woken by recorded events, a dispatcher that claimed a moment ago
+    /// waits out the gap, unless a capped endpoint's request ends first;
+    /// one that claimed longer ago claims at once.
+    #[tokio::test]
+    async fn a_wake_keeps_the_gap_but_an_ended_request_cuts_it_short() {
+        let (due, ended, shutdown) = (Notify::new(), Notify::new(), CancellationToken::new());
+        due.notify_one();
+        let long_ago = Instant::now() - WAKE_GAP * 2;
+        assert_eq!(rest(&due, None, long_ago, &shutdown).await, Woken::Due);
+        due.notify_one();
+        let (woken, ()) =
+            tokio::join!(rest(&due, Some(&ended), Instant::now(), &shutdown), async {
+                tokio::task::yield_now().await;
+                ended.notify_one();
+            });
+        assert_eq!(woken, Woken::Ended);
+        due.notify_one();
+        let started = Instant::now();
+        assert_eq!(rest(&due, None, started, &shutdown).await, Woken::Due);
+        assert!(started.elapsed() >= WAKE_GAP);
     }
 
     #[test]
