@@ -291,6 +291,7 @@ for stack in ("postgres", "embedded"):
 print("\nEvery feature: a send key with a rate limit, daily and monthly quotas and a per-recipient hourly cap (none reached), an Idempotency-Key per request, and a webhook for message.delivered received by the generator:")
 for stack in ("postgres", "embedded"):
     w = json.load(open(f"{work}/{stack}-full.json")).get("webhooks") or {}
-    print(f"- {stack}: {w.get('received', 0):,} webhooks received, {w.get('per_s', 0):,.0f}/s from the first send to the last webhook")
+    lat = w.get("from_202_ms") or {}
+    print(f"- {stack}: {w.get('received', 0):,} webhooks received, {w.get('per_s', 0):,.0f}/s from the first send to the last webhook; 202 → webhook p50 / p99 {lat.get('p50', 0):,.0f} / {lat.get('p99', 0):,.0f} ms")
 budget()
 PY

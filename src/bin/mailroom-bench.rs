@@ -85,6 +85,9 @@ struct Results {
     starts: Vec<f64>,
     statuses: BTreeMap<u16, u64>,
     ids: Vec<String>,
+    /// When each accepted message's 202 arrived, in seconds from the first
+    /// request (same order as `ids`).
+    accepted_at: Vec<f64>,
 }
 
 /// A realistic send: the built-in template with a name, tags and metadata,
@@ -198,6 +201,8 @@ async fn one(conns: &Conns, i: u64, t0: Instant, results: &std::sync::Mutex<Resu
     *r.statuses.entry(status).or_default() += 1;
     if let Some(id) = id {
         r.ids.push(id);
+        r.accepted_at
+            .push(started.duration_since(t0).as_secs_f64() + elapsed);
     }
 }
 
@@ -389,7 +394,7 @@ async fn main() {
     let delivery_seconds = started.elapsed().as_secs_f64();
     let stats = args.pid.and_then(proc_stats);
     let webhooks = match &hooks {
-        Some(hooks) => Some(hooks.wait_for(delivered, &args, started).await),
+        Some(hooks) => Some(hooks.wait_for(delivered, &args, started, &results).await),
         None => None,
     };
     let per_message_us = |cpu: f64| cpu / accepted.max(1) as f64 * 1e6;
@@ -485,20 +490,38 @@ async fn warm_up(args: &Args, load: &Load) -> Option<(serde_json::Map<String, Va
     Some((summary, r.ids.len() as u64))
 }
 
-/// A webhook receiver that counts what it is sent (every `POST /hook` is
-/// answered 204 at once, as a consumer that queues its events would).
+/// A webhook receiver that counts what it is sent and notes when each
+/// message's webhook arrived (every `POST /hook` is answered 204 at once,
+/// as a consumer that queues its events would).
 struct Hooks {
     received: Arc<std::sync::atomic::AtomicU64>,
+    arrivals: Arc<std::sync::Mutex<Vec<(String, Instant)>>>,
+}
+
+/// The one field of a webhook the receiver reads.
+#[derive(serde::Deserialize)]
+struct HookBody {
+    data: HookData,
+}
+
+#[derive(serde::Deserialize)]
+struct HookData {
+    message_id: String,
 }
 
 impl Hooks {
     async fn listen(addr: &str) -> Hooks {
         let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let count = received.clone();
+        let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (count, noted) = (received.clone(), arrivals.clone());
         let app = axum::Router::new().route(
             "/hook",
-            axum::routing::post(move || {
+            axum::routing::post(move |body: Bytes| {
+                let at = Instant::now();
                 count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Ok(hook) = serde_json::from_slice::<HookBody>(&body) {
+                    noted.lock().unwrap().push((hook.data.message_id, at));
+                }
                 async { axum::http::StatusCode::NO_CONTENT }
             }),
         );
@@ -506,7 +529,7 @@ impl Hooks {
             .await
             .expect("--webhook-listen is a free address");
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Hooks { received }
+        Hooks { received, arrivals }
     }
 
     fn received(&self) -> u64 {
@@ -514,18 +537,56 @@ impl Hooks {
     }
 
     /// Waits (up to the drain timeout) until `expected` webhooks arrived:
-    /// how many did, and the seconds from `started` until the wait ended.
-    async fn wait_for(&self, expected: u64, args: &Args, started: Instant) -> Value {
+    /// how many did, the seconds from `started` until the wait ended, and
+    /// the time from each measured message's 202 to its webhook.
+    async fn wait_for(
+        &self,
+        expected: u64,
+        args: &Args,
+        started: Instant,
+        results: &Results,
+    ) -> Value {
         let deadline = Instant::now() + Duration::from(args.drain_timeout);
         while self.received() < expected && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let seconds = started.elapsed().as_secs_f64();
+        let from_202 = self.waits_after_202(started, results);
         json!({
             "received": self.received(),
             "seconds": seconds,
             "per_s": self.received() as f64 / seconds,
+            "from_202_ms": {
+                "samples": from_202.len(),
+                "p50": percentile(&from_202, 0.50) * 1000.0,
+                "p99": percentile(&from_202, 0.99) * 1000.0,
+            },
         })
+    }
+
+    /// Seconds from a message's 202 to its first webhook, sorted, for the
+    /// messages of the measured run.
+    fn waits_after_202(&self, started: Instant, results: &Results) -> Vec<f64> {
+        let accepted: std::collections::HashMap<&str, f64> = results
+            .ids
+            .iter()
+            .map(String::as_str)
+            .zip(results.accepted_at.iter().copied())
+            .collect();
+        let mut first: std::collections::HashMap<&str, f64> = std::collections::HashMap::new();
+        let arrivals = self.arrivals.lock().unwrap();
+        for (id, at) in arrivals.iter() {
+            if let Some(&at_202) = accepted.get(id.as_str()) {
+                let wait = at.duration_since(started).as_secs_f64() - at_202;
+                first
+                    .entry(id.as_str())
+                    .and_modify(|w| *w = w.min(wait))
+                    .or_insert(wait);
+            }
+        }
+        let mut waits: Vec<f64> = first.into_values().collect();
+        waits.sort_by(f64::total_cmp);
+        waits
     }
 }
 

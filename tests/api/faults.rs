@@ -9,7 +9,9 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::harness::{code_to, eventually, Client, Env, PgCluster, ProcApp, Smtp, Stack, TestApp};
+use crate::harness::{
+    code_to, eventually, free_port, Client, Env, PgCluster, ProcApp, Smtp, Stack, TestApp,
+};
 use crate::on_both_stacks;
 
 on_both_stacks!(
@@ -346,7 +348,7 @@ async fn load_generator_smoke() {
     let env = Env::new(Stack::Embedded).await;
     let app = TestApp::start(&env, None).await;
     let me = std::process::id().to_string();
-    let run = |mode: &'static [&'static str]| {
+    let run = |mode: Vec<String>| {
         let (me, base, key) = (me.clone(), app.api.base.clone(), app.api.key.clone());
         async move {
             let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailroom-bench"))
@@ -380,8 +382,9 @@ async fn load_generator_smoke() {
             serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
         }
     };
-    let closed = run(&["--mode", "closed", "--concurrency", "2"]).await;
-    let open = run(&["--mode", "open", "--rate", "50", "--warmup", "1s"]).await;
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let closed = run(args(&["--mode", "closed", "--concurrency", "2"])).await;
+    let open = run(args(&["--mode", "open", "--rate", "50", "--warmup", "1s"])).await;
     for report in [&closed, &open] {
         assert!(report["accepted"].as_u64().unwrap() > 0, "{report}");
         assert_eq!(report["delivered"], report["accepted"], "{report}");
@@ -399,6 +402,33 @@ async fn load_generator_smoke() {
     let warmup = open["warmup_accept_ms"]["requests"].as_u64().unwrap();
     assert!((40..=60).contains(&warmup), "{open}");
     assert!(open["requests"].as_u64().unwrap() <= 60, "{open}");
+    // With a webhook received by the generator: every measured message's
+    // webhook arrives and is matched to its 202.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let hook = app
+        .api
+        .post(
+            "/v1/webhooks",
+            json!({"url": format!("http://{listen}/hook"), "events": ["message.delivered"]}),
+        )
+        .await;
+    assert_eq!(hook.status, 201, "{}", hook.body);
+    let hooked = run(args(&[
+        "--mode",
+        "closed",
+        "--concurrency",
+        "2",
+        "--webhook-listen",
+        &listen,
+    ]))
+    .await;
+    let accepted = hooked["accepted"].as_u64().unwrap();
+    assert_eq!(hooked["webhooks"]["received"], accepted, "{hooked}");
+    assert_eq!(
+        hooked["webhooks"]["from_202_ms"]["samples"], accepted,
+        "{hooked}"
+    );
+    assert!(hooked["webhooks"]["from_202_ms"]["p99"].as_f64().unwrap() > 0.0);
     app.stop().await;
 }
 
