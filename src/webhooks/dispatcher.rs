@@ -408,8 +408,16 @@ async fn wait_idle(due: &Notify, ended: Option<&Notify>, shutdown: &Cancellation
     tokio::select! {
         _ = tokio::time::sleep(POLL) => Woken::Poll,
         _ = due.notified() => Woken::Due,
-        _ = async { ended?.notified().await; Some(()) }, if ended.is_some() => Woken::Ended,
+        _ = request_ended(ended) => Woken::Ended,
         _ = shutdown.cancelled() => Woken::Shutdown,
+    }
+}
+
+/// Resolves when a request of the capped endpoint ends; never without one.
+async fn request_ended(ended: Option<&Notify>) {
+    match ended {
+        Some(ended) => ended.notified().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -429,7 +437,7 @@ async fn rest(
     let at = tokio::time::Instant::from_std(last_claim + WAKE_GAP);
     tokio::select! {
         _ = tokio::time::sleep_until(at) => Woken::Due,
-        _ = async { ended?.notified().await; Some(()) }, if ended.is_some() => Woken::Ended,
+        _ = request_ended(ended) => Woken::Ended,
         _ = shutdown.cancelled() => Woken::Shutdown,
     }
 }
