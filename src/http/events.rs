@@ -1,7 +1,10 @@
 //! `GET /v1/events?after=`: the durable event log, oldest first, so a
 //! consumer that missed webhooks can catch up. Events become visible one
 //! second after they are written, so that a transaction committing late
-//! cannot slip in behind a cursor that has already moved past it.
+//! cannot slip in behind a cursor that has already moved past it. `after`
+//! is a cursor from an earlier page or the id of an event the consumer has
+//! seen (a webhook's `webhook-id`), so it can resume from the last webhook
+//! it processed.
 
 use axum::extract::State;
 use axum::Json;
@@ -27,13 +30,11 @@ async fn list(
 ) -> Result<Json<Value>, ApiError> {
     auth.require(Scope::Read)?;
     params.only(&["after", "type", "limit"])?;
-    let after = params
-        .str("after")
-        .map(|a| {
-            a.parse::<i64>()
-                .map_err(|_| ApiError::validation("after", "must be a cursor from a previous page"))
-        })
-        .transpose()?;
+    let owner = auth.owner_filter();
+    let after = match params.str("after") {
+        Some(after) => Some(position(&state, after, owner.as_deref()).await?),
+        None => None,
+    };
     let limit = params.limit()?;
     let event_type = params.str("type");
     let types = super::webhooks::event_types();
@@ -46,7 +47,7 @@ async fn list(
     let filter = EventFilter {
         after_seq: after,
         event_type: event_type.map(str::to_string),
-        key_id: auth.owner_filter(),
+        key_id: owner,
         created_before: now_ms() - SETTLE_MS,
         limit,
     };
@@ -57,4 +58,22 @@ async fn list(
         .and_then(|e| e["cursor"].as_str().map(str::to_string))
         .or_else(|| after.map(|a| a.to_string()));
     Ok(Json(json!({"data": data, "next_cursor": next})))
+}
+
+/// Where `after` points in the log: a cursor as given, or an event id's
+/// position (an id the key cannot see is as unknown as one that never was).
+async fn position(state: &AppState, after: &str, owner: Option<&str>) -> Result<i64, ApiError> {
+    if after.starts_with("evt_") {
+        return state
+            .store
+            .event_position(after, owner)
+            .await?
+            .ok_or_else(|| ApiError::validation("after", format!("no event {after} in the log")));
+    }
+    after.parse::<i64>().map_err(|_| {
+        ApiError::validation(
+            "after",
+            "must be a cursor from a previous page or an event id (evt_...)",
+        )
+    })
 }

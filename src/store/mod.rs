@@ -178,6 +178,9 @@ pub trait IdempotencyStore: Send + Sync {
 #[async_trait]
 pub trait EventStore: Send + Sync {
     async fn list_events(&self, filter: &EventFilter) -> StoreResult<Vec<EventRecord>>;
+    /// The log position (cursor) of event `id`, if it exists and, with
+    /// `key_id`, belongs to that key.
+    async fn event_position(&self, id: &str, key_id: Option<&str>) -> StoreResult<Option<i64>>;
 }
 
 #[async_trait]

@@ -456,6 +456,28 @@ async fn event_feed_pages_without_loss(stack: Stack) {
         .map(|e| e["cursor"].as_str().unwrap().parse().unwrap())
         .collect();
     assert!(cursors.windows(2).all(|w| w[0] < w[1]), "ordered");
+    // A consumer resumes after the last event it processed, by its id (a
+    // webhook's `webhook-id`).
+    let second = seen[1]["id"].as_str().unwrap();
+    let resumed = app.api.get(&format!("/v1/events?after={second}")).await;
+    assert_eq!(resumed.status, 200, "{}", resumed.body);
+    assert_eq!(resumed.body["data"][0]["id"], seen[2]["id"]);
+    let unknown = app
+        .api
+        .get("/v1/events?after=evt_0000000000000000000000000000000f")
+        .await;
+    assert_eq!(unknown.status, 422);
+    assert_eq!(unknown.body["errors"][0]["field"], "after");
+    let (_, reader) = app
+        .api
+        .create_key(json!({"name": "feed-reader", "scopes": ["read"]}))
+        .await;
+    let foreign = app
+        .api
+        .with_key(&reader)
+        .get(&format!("/v1/events?after={second}"))
+        .await;
+    assert_eq!(foreign.status, 422, "another key's event is not found");
     let filtered = app.api.get("/v1/events?type=message.bounced").await.body;
     assert_eq!(filtered["data"], json!([]));
     app.stop().await;

@@ -261,6 +261,17 @@ impl EventStore for SqlStore {
         .await?;
         found.iter().map(rows::event).collect()
     }
+
+    async fn event_position(&self, id: &str, key_id: Option<&str>) -> StoreResult<Option<i64>> {
+        let seq = sqlx::query_scalar(
+            "SELECT seq FROM events WHERE id = $1 AND ($2 IS NULL OR key_id = $2)",
+        )
+        .bind(id)
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(seq)
+    }
 }
 
 #[cfg(test)]
