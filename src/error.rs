@@ -211,6 +211,14 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(error = %source, "store unavailable");
                 ApiError::Unavailable("database")
             }
+            StoreError::Unstorable(source) => {
+                tracing::warn!(error = %source, "request value refused by the store");
+                ApiError::Unprocessable {
+                    slug: "unstorable-value",
+                    title: "Value cannot be stored",
+                    detail: "A text value of the request holds a character that cannot be stored (such as NUL, U+0000).".into(),
+                }
+            }
             other => ApiError::Internal(other.into()),
         }
     }

@@ -15,6 +15,7 @@ pub mod http;
 pub mod keys;
 pub mod limiter;
 pub mod metrics;
+pub mod nul;
 pub mod queue;
 pub mod redis_conn;
 pub mod relay;

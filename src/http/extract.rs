@@ -1,6 +1,7 @@
 //! Extractors that turn every malformed input into a problem+json answer:
 //! `Auth` (Bearer key, hashed, constant-time; keys cached for `KEY_CACHE`), `JsonBody` (415 / 413 before
-//! buffering / 400), and `Params` (query string) with typed getters.
+//! buffering / 400; 422 for a NUL, see `crate::nul`), `SendBody` (the same, NULs left to each
+//! message's parsing) and `Params` (query string) with typed getters.
 
 use std::collections::HashMap;
 
@@ -110,37 +111,63 @@ impl FromRequest<AppState> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
-        let limit = state.config.max_request_bytes;
-        if !is_json(request.headers()) {
-            return Err(ApiError::UnsupportedMediaType);
+        let (bytes, value) = read_json(request, state).await?;
+        let nul = crate::nul::json_fields(&bytes, &value);
+        if !nul.is_empty() {
+            return Err(ApiError::Validation(nul));
         }
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|n| n > limit) {
-            return Err(ApiError::TooLarge(limit));
-        }
-        let bytes = axum::body::to_bytes(request.into_body(), limit)
-            .await
-            .map_err(|e| {
-                let too_large = std::error::Error::source(&e)
-                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                    || e.to_string().contains("length limit");
-                if too_large {
-                    ApiError::TooLarge(limit)
-                } else {
-                    ApiError::BadRequest(format!("could not read the body: {e}"))
-                }
-            })?;
-        if bytes.is_empty() {
-            return Err(ApiError::BadRequest("the request body is empty".into()));
-        }
-        let value = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
         Ok(JsonBody(value))
     }
+}
+
+/// A send or batch body as a `Value`: as [`JsonBody`], but a NUL is left
+/// to the parsing of each message (`sending::request::parse`), so that in a
+/// batch it fails only its own item.
+pub struct SendBody(pub Value);
+
+impl FromRequest<AppState> for SendBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        Ok(SendBody(read_json(request, state).await?.1))
+    }
+}
+
+/// The body, read up to the configured limit, and its JSON.
+async fn read_json(
+    request: Request,
+    state: &AppState,
+) -> Result<(axum::body::Bytes, Value), ApiError> {
+    let limit = state.config.max_request_bytes;
+    if !is_json(request.headers()) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::TooLarge(limit));
+    }
+    let bytes = axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|e| {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            if too_large {
+                ApiError::TooLarge(limit)
+            } else {
+                ApiError::BadRequest(format!("could not read the body: {e}"))
+            }
+        })?;
+    if bytes.is_empty() {
+        return Err(ApiError::BadRequest("the request body is empty".into()));
+    }
+    let value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
+    Ok((bytes, value))
 }
 
 /// Query-string parameters with typed, validated getters.
@@ -151,9 +178,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
         let query = parts.uri.query().unwrap_or("");
-        let pairs = url::form_urlencoded::parse(query.as_bytes())
+        let pairs: HashMap<String, String> = url::form_urlencoded::parse(query.as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
+        let nul = crate::nul::params(pairs.iter());
+        if !nul.is_empty() {
+            return Err(ApiError::Validation(nul));
+        }
         Ok(Params(pairs))
     }
 }

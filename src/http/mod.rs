@@ -26,7 +26,7 @@ use axum::Router;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::Instrument;
 
-pub use extract::{Auth, JsonBody, Params};
+pub use extract::{Auth, JsonBody, Params, SendBody};
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -140,10 +140,21 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), admit))
+        .layer(axum::middleware::from_fn(refuse_nul_in_path))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
+}
+
+/// A path with an encoded NUL names nothing this API serves (and would
+/// reach the store as a key it cannot hold; see `crate::nul`).
+async fn refuse_nul_in_path(request: Request, next: Next) -> Response {
+    if request.uri().path().contains("%00") {
+        return ApiError::NotFound("No such resource: the path contains a NUL character.".into())
+            .into_response();
+    }
+    next.run(request).await
 }
 
 async fn not_found() -> ApiError {

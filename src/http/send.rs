@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::{AppState, Auth, JsonBody, Routes};
+use super::{AppState, Auth, Routes, SendBody};
 use crate::domain::now_ms;
 use crate::error::ApiError;
 use crate::keys::{ApiKey, Scope};
@@ -172,7 +172,7 @@ async fn send(
     State(state): State<AppState>,
     auth: Auth,
     headers: HeaderMap,
-    JsonBody(body): JsonBody,
+    SendBody(body): SendBody,
 ) -> Result<Response, ApiError> {
     let key = auth.require(Scope::Send)?;
     let idem = idempotency_key(&headers)?;
@@ -185,7 +185,7 @@ async fn batch(
     State(state): State<AppState>,
     auth: Auth,
     headers: HeaderMap,
-    JsonBody(body): JsonBody,
+    SendBody(body): SendBody,
 ) -> Result<Response, ApiError> {
     let key = auth.require(Scope::Send)?;
     let idem = idempotency_key(&headers)?;

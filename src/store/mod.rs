@@ -20,6 +20,11 @@ pub enum StoreError {
     /// The database cannot be reached or is shutting down: a 503.
     #[error("store unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// A value the database cannot hold as text (Postgres: a NUL character,
+    /// or one its encoding lacks): the request's fault, a 422. The HTTP
+    /// layer refuses NULs before they get here; this is the safety net.
+    #[error("value cannot be stored: {0}")]
+    Unstorable(#[source] sqlx::Error),
     /// Anything else: a bug or corrupted data, a 500 that leaks nothing.
     #[error("store error: {0}")]
     Other(#[source] sqlx::Error),
@@ -46,6 +51,14 @@ impl From<sqlx::Error> for StoreError {
                 }) =>
             {
                 StoreError::Unavailable(e)
+            }
+            // character_not_in_repertoire, untranslatable_character
+            sqlx::Error::Database(db)
+                if db
+                    .code()
+                    .is_some_and(|c| matches!(c.as_ref(), "22021" | "22P05")) =>
+            {
+                StoreError::Unstorable(e)
             }
             _ => StoreError::Other(e),
         }

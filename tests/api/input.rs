@@ -172,6 +172,85 @@ async fn bad_input_is_refused_cleanly(stack: Stack) {
         422
     );
 
+    // NUL (U+0000), which Postgres cannot store as text: a 422 naming the
+    // field wherever JSON carries it, a 422 in a query, a 404 in a path;
+    // in a batch only its own item fails.
+    let mut body = code_to("x@example.com");
+    body["data"]["name"] = json!("Li\u{0}Lei");
+    body["metadata"] = json!({"k": "v\u{0}"});
+    let r = app.api.post("/v1/send", body).await;
+    assert_eq!(
+        (r.status.as_u16(), fields(&r.body)),
+        (422, vec!["data.name".to_string(), "metadata.k".to_string()])
+    );
+    let nul_text =
+        json!({"from": "a@acme.test", "to": ["x@example.com"], "subject": "s", "text": "a\u{0}"});
+    let r = app
+        .api
+        .post(
+            "/v1/send/batch",
+            json!({"messages": [nul_text, code_to("nul-batch@example.com")]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"][0]["error"]["errors"][0]["field"], "text");
+    let batch_id = r.body["data"][1]["id"]
+        .as_str()
+        .expect("the valid item is accepted")
+        .to_string();
+    for (path, body, field) in [
+        (
+            "/v1/templates/nul",
+            json!({"subject": "s", "text": "a\u{0}b"}),
+            "text",
+        ),
+        (
+            "/v1/templates/nul",
+            json!({"subject": "s", "text": "ab", "description": "\u{0}"}),
+            "description",
+        ),
+        (
+            "/v1/suppressions/nul@example.com",
+            json!({"reason": "r\u{0}"}),
+            "reason",
+        ),
+    ] {
+        let r = app.api.put(path, body).await;
+        assert_eq!(
+            (r.status.as_u16(), fields(&r.body)),
+            (422, vec![field.to_string()]),
+            "{path}"
+        );
+    }
+    let r = app
+        .api
+        .post("/v1/keys", json!({"name": "k\u{0}", "scopes": ["send"]}))
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), fields(&r.body)),
+        (422, vec!["name".to_string()])
+    );
+    let r = app.api.get("/v1/messages?tag=a%00").await;
+    assert_eq!(
+        (r.status.as_u16(), fields(&r.body)),
+        (422, vec!["tag".to_string()])
+    );
+    for path in [
+        "/v1/messages/a%00",
+        "/v1/templates/a%00",
+        "/v1/keys/a%00",
+        "/v1/webhooks/a%00",
+    ] {
+        let r = app.api.get(path).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.body);
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+    }
+    assert_eq!(
+        app.api.get("/v1/templates/nul").await.status,
+        404,
+        "nothing stored"
+    );
+
     // Auth.
     let anon = app
         .api
@@ -210,10 +289,18 @@ async fn bad_input_is_refused_cleanly(stack: Stack) {
         .await;
     assert_eq!(r.headers["x-request-id"], "trace-me-42");
 
-    // Nothing was written, nothing was sent.
+    // Nothing was written, nothing was sent, but the batch's valid item.
     let list = app.api.get("/v1/messages").await;
-    assert_eq!(list.body["data"], json!([]));
-    assert!(smtp.messages().await.is_empty());
+    let listed: Vec<&str> = list.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(listed, [batch_id.as_str()]);
+    app.api.wait_status(&batch_id, "delivered").await;
+    let sent = smtp.messages().await;
+    assert_eq!(sent.len(), 1);
     app.stop().await;
 }
 
