@@ -85,7 +85,7 @@ async fn schemathesis_finds_no_mismatch(stack: Stack) {
         "--phases",
         "examples,coverage,fuzzing,stateful",
         "--max-examples",
-        "25",
+        "75",
         "--seed",
         "20261130",
         "--exclude-name",
