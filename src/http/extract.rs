@@ -165,9 +165,15 @@ async fn read_json(
     if bytes.is_empty() {
         return Err(ApiError::BadRequest("the request body is empty".into()));
     }
-    let value = serde_json::from_slice(&bytes)
+    let value = serde_json::from_slice(without_bom(&bytes))
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
     Ok((bytes, value))
+}
+
+/// JSON text without a leading UTF-8 byte order mark, which some clients
+/// write (RFC 8259 §8.1: a parser MAY ignore it rather than fail).
+fn without_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
 }
 
 /// Query-string parameters with typed, validated getters.
@@ -298,5 +304,19 @@ pub fn object<'a>(
         Ok(obj)
     } else {
         Err(ApiError::Validation(unknown))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leading_byte_order_mark_is_ignored() {
+        let body = b"\xEF\xBB\xBF{\"a\": 1}";
+        let value: Value = serde_json::from_slice(without_bom(body)).unwrap();
+        assert_eq!(value["a"], 1);
+        assert_eq!(without_bom(b"{}"), b"{}");
+        assert_eq!(without_bom(b"\xEF\xBB"), b"\xEF\xBB", "only a whole mark");
     }
 }

@@ -54,6 +54,17 @@ async fn bad_input_is_refused_cleanly(stack: Stack) {
     assert_eq!(body["status"], 400);
     assert!(headers.contains_key("x-request-id"));
 
+    // A UTF-8 byte order mark before the JSON is skipped (RFC 8259 §8.1):
+    // the body is read, and its own mistake named.
+    let (status, body, _) = raw(
+        &app,
+        "application/json; charset=utf-8",
+        b"\xEF\xBB\xBF{\"tpyo\": 1}".to_vec(),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(fields(&body).contains(&"tpyo".to_string()), "{body}");
+
     let (status, _, _) = raw(&app, "text/plain", b"hello".to_vec()).await;
     assert_eq!(status, 415);
     let (status, _, _) = raw(
