@@ -33,6 +33,22 @@ pub fn value_fields(value: &Value) -> Vec<FieldError> {
     found
 }
 
+/// The NUL complaints, then the `others` about fields without a NUL (a
+/// field holding one is named once, for that).
+pub fn named_first(nul: Vec<FieldError>, others: Vec<FieldError>) -> Vec<FieldError> {
+    if nul.is_empty() {
+        return others;
+    }
+    let mut all = nul;
+    let named = all.len();
+    for e in others {
+        if !all[..named].iter().any(|n| n.field == e.field) {
+            all.push(e);
+        }
+    }
+    all
+}
+
 fn holds_nul(value: &Value) -> bool {
     match value {
         Value::String(s) => s.contains('\0'),
@@ -126,6 +142,26 @@ mod tests {
         let got: Vec<String> = value_fields(&body).into_iter().map(|f| f.field).collect();
         assert_eq!(got, ["to[0].name"]);
         assert!(value_fields(&json!({"to": ["a@example.com"], "n": 1})).is_empty());
+    }
+
+    #[test]
+    fn a_field_holding_a_nul_is_named_once() {
+        let nul = vec![FieldError::new("to[0]", MESSAGE)];
+        let others = vec![
+            FieldError::new("to[0]", "invalid address: contains a control character"),
+            FieldError::new("from", "is required"),
+        ];
+        let all: Vec<(String, String)> = named_first(nul, others)
+            .into_iter()
+            .map(|e| (e.field, e.message))
+            .collect();
+        assert_eq!(
+            all,
+            [
+                ("to[0]".to_string(), MESSAGE.to_string()),
+                ("from".to_string(), "is required".to_string())
+            ]
+        );
     }
 
     #[test]

@@ -477,10 +477,7 @@ fn content(obj: &Map<String, Value>, errors: &mut Errors) -> Option<Content> {
 
 /// Parses a send request; `Err` lists every problem found.
 pub fn parse(body: &Value, limits: &ParseLimits) -> Result<SendRequest, Invalid> {
-    // A NUL anywhere is named first; any other complaint about the same
-    // field is dropped at the end (see `crate::nul`).
-    let nul = crate::nul::value_fields(body);
-    let mut errors = Errors(nul.clone());
+    let mut errors = Errors(Vec::new());
     let Some(obj) = body.as_object() else {
         return Err(Invalid {
             errors: vec![FieldError::new(
@@ -548,12 +545,8 @@ pub fn parse(body: &Value, limits: &ParseLimits) -> Result<SendRequest, Invalid>
     {
         errors.add("collapse_key", "must be 1-128 printable characters");
     }
-    if !nul.is_empty() {
-        let nul_count = nul.len();
-        let mut rest = errors.0.split_off(nul_count);
-        rest.retain(|e| !nul.iter().any(|n| n.field == e.field));
-        errors.0.extend(rest);
-    }
+    // A NUL anywhere is named, and named once (see `crate::nul`).
+    errors.0 = crate::nul::named_first(crate::nul::value_fields(body), errors.0);
     match (errors.0.is_empty(), content, from) {
         (true, Some(content), Some(from)) => Ok(SendRequest {
             content,

@@ -176,7 +176,6 @@ impl Dispatcher {
         let mut endpoints = Endpoints::default();
         let (results, outcomes) = mpsc::channel(MAX_IN_FLIGHT);
         let recorder = tokio::spawn(record(self.store.clone(), outcomes));
-        let mut last_claim;
         loop {
             // Claim only what can be posted now: a claimed delivery waiting
             // for a slot would only age its lease.
@@ -190,7 +189,7 @@ impl Dispatcher {
             let want = (slots.available_permits() + 1).min(BATCH);
             let busy = in_flight.snapshot();
             let rooms = rooms(endpoints.current(&*self.store).await, &busy);
-            last_claim = Instant::now();
+            let last_claim = Instant::now();
             let now = now_ms();
             let lease_until = now + self.lease.as_millis() as i64;
             let jobs = match self
