@@ -10,7 +10,7 @@ use super::events::{
     last_sequences, message_event, subscriptions, write_events, MessageEvent, PendingEvent,
 };
 use super::messages::{finalize_waiting, recompute_messages, Finish};
-use super::{batch, rows, Backend, SqlStore};
+use super::{batch, rows, SqlStore};
 use crate::domain::{Attempt, Millis, Outcome, Priority, Status};
 use crate::store::records::*;
 use crate::store::{DeliveryStore, StoreError, StoreResult};
@@ -293,13 +293,7 @@ impl DeliveryStore for SqlStore {
         // flush (the durable commit of the outcome flushes it anyway). Sent
         // with the BEGIN, in the same round trip.
         let mut conn = self.hot.get(&self.pool).await?;
-        let mut tx = match self.backend {
-            Backend::Postgres => {
-                conn.begin_with("BEGIN; SET LOCAL synchronous_commit = off")
-                    .await?
-            }
-            Backend::Sqlite => conn.begin().await?,
-        };
+        let mut tx = self.begin_unflushed_on(&mut conn).await?;
         let taken = Self::lease_messages(&mut tx, &ids, owner, now, lease_until).await?;
         let taken_ids: Vec<&str> = taken.iter().map(|l| l.message.id.as_str()).collect();
         let mut recipients = Self::take_recipients(&mut tx, &taken_ids, now).await?;

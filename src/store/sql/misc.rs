@@ -71,8 +71,8 @@ const IDEM_INSERT_COLS: usize = 6;
 
 impl SqlStore {
     /// Reserves every key among `reqs` that no record holds (one statement
-    /// per power-of-two chunk, on a hot-path connection); returns those
-    /// reserved.
+    /// per power-of-two chunk, in one transaction on a hot-path connection);
+    /// returns those reserved.
     async fn reserve_free_keys(
         &self,
         reqs: &[&IdemRequest],
@@ -83,7 +83,13 @@ impl SqlStore {
         if reqs.is_empty() {
             return Ok(reserved);
         }
+        // Not flushed on commit: the reservation only has to hold while its
+        // request runs, and that request answers 202 only after the accept's
+        // durable commit, which flushes the WAL written before it — this
+        // reservation included. Lost in a crash before that, it belonged to
+        // a request that got no answer and may be sent again.
         let mut conn = self.hot.get(&self.pool).await?;
+        let mut tx = self.begin_unflushed_on(&mut conn).await?;
         for chunk in batch::split(reqs, IDEM_INSERT_COLS) {
             let sql = format!(
                 "INSERT INTO idempotency (key_id, idem_key, request_hash, created_at, expires_at, state) \
@@ -100,10 +106,11 @@ impl SqlStore {
                     .bind(now + ttl_ms)
                     .bind("in_flight");
             }
-            for row in query.fetch_all(&mut *conn).await? {
+            for row in query.fetch_all(&mut *tx).await? {
                 reserved.insert((row.try_get("key_id")?, row.try_get("idem_key")?));
             }
         }
+        tx.commit().await?;
         conn.keep();
         Ok(reserved)
     }

@@ -121,6 +121,23 @@ impl SqlStore {
         }
     }
 
+    /// [`SqlStore::begin_unflushed`] on a connection already held (a hot
+    /// path's): on Postgres the `SET LOCAL` travels with the `BEGIN`, in
+    /// one round trip.
+    pub(super) async fn begin_unflushed_on<'c>(
+        &self,
+        conn: &'c mut sqlx::AnyConnection,
+    ) -> Result<sqlx::Transaction<'c, sqlx::Any>, sqlx::Error> {
+        use sqlx::Connection;
+        match self.backend {
+            Backend::Postgres => {
+                conn.begin_with("BEGIN; SET LOCAL synchronous_commit = off")
+                    .await
+            }
+            Backend::Sqlite => conn.begin().await,
+        }
+    }
+
     /// Connects (creating the SQLite file if needed). `pool_size` applies to
     /// Postgres; SQLite always uses one connection.
     pub async fn connect(url: &str, pool_size: u32) -> StoreResult<SqlStore> {
