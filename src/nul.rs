@@ -33,8 +33,10 @@ pub fn value_fields(value: &Value) -> Vec<FieldError> {
     found
 }
 
-/// The NUL complaints, then the `others` about fields without a NUL (a
-/// field holding one is named once, for that).
+/// The NUL complaints, then the `others` about fields without a NUL: a
+/// field holding one is named once, for that — not again by a check that
+/// spells its name raw (an unknown field, a header name) or that judges
+/// the object holding it (an address whose `name` holds the NUL).
 pub fn named_first(nul: Vec<FieldError>, others: Vec<FieldError>) -> Vec<FieldError> {
     if nul.is_empty() {
         return others;
@@ -42,11 +44,20 @@ pub fn named_first(nul: Vec<FieldError>, others: Vec<FieldError>) -> Vec<FieldEr
     let mut all = nul;
     let named = all.len();
     for e in others {
-        if !all[..named].iter().any(|n| n.field == e.field) {
+        let about_a_nul = e.field.contains('\0')
+            || all[..named]
+                .iter()
+                .any(|n| n.field == e.field || parent(&n.field) == Some(e.field.as_str()));
+        if !about_a_nul {
             all.push(e);
         }
     }
     all
+}
+
+/// The field holding `field` (`to[0]` for `to[0].name`), if any.
+fn parent(field: &str) -> Option<&str> {
+    field.rfind(['.', '[']).map(|at| &field[..at])
 }
 
 fn holds_nul(value: &Value) -> bool {
@@ -162,6 +173,25 @@ mod tests {
                 ("from".to_string(), "is required".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn a_nul_is_not_named_again_raw_or_by_its_container() {
+        let nul = vec![
+            FieldError::new("to[0].name", MESSAGE),
+            FieldError::new("headers.x\\0y", MESSAGE),
+        ];
+        let others = vec![
+            FieldError::new("to[0]", "invalid address: contains a control character"),
+            FieldError::new("headers.x\0y", "is not a valid header name"),
+            FieldError::new("to[1]", "invalid address"),
+            FieldError::new("to", "too many recipients"),
+        ];
+        let fields: Vec<String> = named_first(nul, others)
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(fields, ["to[0].name", "headers.x\\0y", "to[1]", "to"]);
     }
 
     #[test]

@@ -112,6 +112,12 @@ impl Sender {
     }
 
     async fn template_versions(&self, name: &str) -> Result<Arc<Vec<TemplateVersion>>, ApiError> {
+        // Every stored template has a slug for a name (`PUT` checks it): no
+        // other name is asked of the store (one holding a NUL would be an
+        // error there, not an unknown template).
+        if !request::is_slug(name) {
+            return Ok(Arc::default());
+        }
         if let Some(versions) = self.template_cache.get(name) {
             return Ok(versions);
         }
@@ -167,7 +173,13 @@ impl Sender {
         let mut errors = invalid.errors;
         if let Some(content) = &invalid.content {
             if let Err(ApiError::Validation(more)) = self.render(content).await {
-                errors.extend(more);
+                // A field the request's own checks named (a template name
+                // holding a NUL) is not named again as unknown.
+                for e in more {
+                    if !errors.iter().any(|known| known.field == e.field) {
+                        errors.push(e);
+                    }
+                }
             }
         }
         ApiError::Validation(errors)

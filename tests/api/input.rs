@@ -194,6 +194,28 @@ async fn bad_input_is_refused_cleanly(stack: Stack) {
         (r.status.as_u16(), fields(&r.body)),
         (422, vec!["data.name".to_string(), "metadata.k".to_string()])
     );
+    // Each field once, however many checks it fails: a template name with
+    // a NUL is not also "unknown" (nor asked of the store), a header or
+    // field name is not also named raw, an address not also for its name.
+    let mut body = code_to("x@example.com");
+    body["template"] = json!("verification\u{0}code");
+    body["headers"] = json!({"X-\u{0}": "v"});
+    body["to"] = json!([{"email": "x@example.com", "name": "L\u{0}"}]);
+    body["typo\u{0}"] = json!(1);
+    let r = app.api.post("/v1/send", body).await;
+    let mut named = fields(&r.body);
+    named.sort();
+    assert_eq!(
+        (r.status.as_u16(), named),
+        (
+            422,
+            ["headers.X-\\0", "template", "to[0].name", "typo\\0"]
+                .map(String::from)
+                .to_vec()
+        ),
+        "{}",
+        r.body
+    );
     let nul_text =
         json!({"from": "a@acme.test", "to": ["x@example.com"], "subject": "s", "text": "a\u{0}"});
     let r = app
