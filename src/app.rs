@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -162,8 +161,16 @@ impl Application {
                     tracing::info!(pending, "rebuilt the in-process queue from the store");
                 }
             }
-            // Recorded outcomes wake the dispatcher of the same process.
-            let webhooks_due = Arc::new(Notify::new());
+            // Recorded outcomes hand their webhooks to the dispatcher of
+            // the same process.
+            let dispatcher = Arc::new(Dispatcher::new(
+                store.clone(),
+                RetrySchedule::new(config.webhook_retry_schedule.clone()),
+                config.webhook_timeout,
+                config.webhook_allow_private,
+                config.webhook_disable_after,
+                metrics.clone(),
+            )?);
             let worker = Arc::new(Worker {
                 store: store.clone(),
                 queue: queue.clone(),
@@ -177,7 +184,7 @@ impl Application {
                 concurrency: config.workers,
                 owner: format!("w-{}", uuid::Uuid::new_v4().simple()),
                 metrics: metrics.clone(),
-                webhooks_due: webhooks_due.clone(),
+                webhooks: dispatcher.clone(),
             });
             let sweeper = Sweeper {
                 store: store.clone(),
@@ -185,15 +192,6 @@ impl Application {
                 interval: config.sweep_interval,
                 grace: config.sweep_grace,
             };
-            let dispatcher = Arc::new(Dispatcher::new(
-                store.clone(),
-                RetrySchedule::new(config.webhook_retry_schedule.clone()),
-                config.webhook_timeout,
-                config.webhook_allow_private,
-                config.webhook_disable_after,
-                metrics.clone(),
-                webhooks_due,
-            )?);
             (Some(worker), Some(sweeper), Some(dispatcher))
         } else {
             (None, None, None)

@@ -1,17 +1,20 @@
 //! Group commit for delivery outcomes: reports from concurrent deliveries
 //! are recorded in one store transaction, and each delivery learns its own
 //! result. If a group fails, its reports are recorded one by one so one bad
-//! report cannot fail its neighbours. Each recorded group wakes this
-//! process's webhook dispatcher, so that the webhooks its events are due
-//! for go out now rather than at the dispatcher's next poll.
+//! report cannot fail its neighbours. The webhook deliveries a group's
+//! events make are handed to this process's dispatcher as they are written
+//! (those it has a free request slot for are written leased to it and
+//! posted once the group commits); for any it could not take, the
+//! dispatcher is woken to claim them now rather than at its next poll.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::{mpsc, oneshot, Mutex, Notify};
+use tokio::sync::{mpsc, oneshot, Mutex};
 
-use crate::store::{DeliveryReport, RecordResult, Store, StoreError, StoreResult};
+use crate::store::{DeliveryReport, Handing, RecordResult, Store, StoreError, StoreResult};
+use crate::webhooks::{Dispatcher, Ticket};
 
 const MAX_GROUP: usize = 128;
 /// How long a group stays open for more outcomes after its first: the
@@ -32,12 +35,12 @@ pub struct Recorder {
 
 impl Recorder {
     /// Starts `writers` recording loops (they end when every clone is
-    /// dropped); `webhooks_due` is notified after each recorded group.
-    pub fn start(store: Arc<dyn Store>, writers: usize, webhooks_due: Arc<Notify>) -> Recorder {
+    /// dropped), handing webhook deliveries to `webhooks`.
+    pub fn start(store: Arc<dyn Store>, writers: usize, webhooks: Arc<Dispatcher>) -> Recorder {
         let (tx, rx) = mpsc::channel(4096);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..writers.max(1) {
-            tokio::spawn(writer(store.clone(), rx.clone(), webhooks_due.clone()));
+            tokio::spawn(writer(store.clone(), rx.clone(), webhooks.clone()));
         }
         Recorder { tx }
     }
@@ -52,10 +55,38 @@ impl Recorder {
     }
 }
 
+/// Records `reports` in one transaction, handing their webhook deliveries
+/// to `webhooks` (see the module's doc).
+async fn record_handing(
+    store: &dyn Store,
+    reports: &[DeliveryReport],
+    webhooks: &Arc<Dispatcher>,
+) -> StoreResult<Vec<RecordResult>> {
+    let mut tickets: Vec<Ticket> = Vec::new();
+    let mut take = |endpoint: &str| match webhooks.try_take(endpoint) {
+        Some(ticket) => {
+            tickets.push(ticket);
+            true
+        }
+        None => false,
+    };
+    let mut handing = Handing::new(webhooks.lease_until(), &mut take);
+    let recorded = store.record_many(reports, Some(&mut handing)).await;
+    let Handing { jobs, left, .. } = handing;
+    if recorded.is_ok() {
+        if left > 0 {
+            webhooks.wake();
+        }
+        webhooks.hand_over(jobs, tickets);
+    }
+    // Not recorded: the tickets go back as they are dropped.
+    recorded
+}
+
 async fn writer(
     store: Arc<dyn Store>,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
-    webhooks_due: Arc<Notify>,
+    webhooks: Arc<Dispatcher>,
 ) {
     loop {
         let group = {
@@ -80,25 +111,23 @@ async fn writer(
         // Move the reports out of their jobs rather than copying them.
         let (reports, waiting): (Vec<DeliveryReport>, Vec<_>) =
             group.into_iter().map(|j| (j.report, j.done)).unzip();
-        match store.record_many(&reports).await {
+        match record_handing(store.as_ref(), &reports, &webhooks).await {
             Ok(results) => {
-                webhooks_due.notify_one();
                 for (done, result) in waiting.into_iter().zip(results) {
                     let _ = done.send(Ok(result));
                 }
             }
             Err(_) if reports.len() > 1 => {
                 for (report, done) in reports.iter().zip(waiting) {
-                    let result = store
-                        .record_many(std::slice::from_ref(report))
-                        .await
-                        .and_then(|mut r| {
-                            r.pop()
-                                .ok_or_else(|| StoreError::Corrupt("no result".into()))
-                        });
+                    let result =
+                        record_handing(store.as_ref(), std::slice::from_ref(report), &webhooks)
+                            .await
+                            .and_then(|mut r| {
+                                r.pop()
+                                    .ok_or_else(|| StoreError::Corrupt("no result".into()))
+                            });
                     let _ = done.send(result);
                 }
-                webhooks_due.notify_one();
             }
             Err(e) => {
                 if let Some(done) = waiting.into_iter().next() {

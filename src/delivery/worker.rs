@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::queue::{Job, Queue};
 use crate::relay::RelayChain;
 use crate::store::{Claim, DeliveryReport, RecipientResult, Store};
+use crate::webhooks::Dispatcher;
 
 /// How long a receive waits for more free slots when only a few are free.
 const GATHER_WAIT: Duration = Duration::from_millis(3);
@@ -58,16 +59,16 @@ pub struct Worker {
     pub concurrency: usize,
     pub owner: String,
     pub metrics: Arc<Metrics>,
-    /// Notified when outcomes are recorded (their events may be due at
-    /// webhook endpoints): this process's webhook dispatcher waits on it.
-    pub webhooks_due: Arc<Notify>,
+    /// This process's webhook dispatcher: the deliveries of the events
+    /// that recorded outcomes make are handed to it.
+    pub webhooks: Arc<Dispatcher>,
 }
 
 impl Worker {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let (acks, acking) = Acks::start(self.queue.clone());
         let outcomes = Outcomes {
-            recorder: Recorder::start(self.store.clone(), 2, self.webhooks_due.clone()),
+            recorder: Recorder::start(self.store.clone(), 2, self.webhooks.clone()),
             acks,
             recording: Arc::new(Semaphore::new(self.concurrency)),
         };

@@ -129,7 +129,13 @@ pub trait DeliveryStore: Send + Sync {
     ) -> StoreResult<Vec<Claim>>;
     /// Records what happened to each recipient of each message, in one
     /// transaction; returns each message's new status and next due time.
-    async fn record_many(&self, reports: &[DeliveryReport]) -> StoreResult<Vec<RecordResult>>;
+    /// With `handing`, the webhook deliveries of the events it writes are
+    /// offered to it (see [`Handing`]).
+    async fn record_many(
+        &self,
+        reports: &[DeliveryReport],
+        handing: Option<&mut Handing<'_>>,
+    ) -> StoreResult<Vec<RecordResult>>;
     /// Messages not leased, due and last enqueued no later than `before`,
     /// which the sweeper has judged the queue to have lost. Marks them
     /// re-enqueued (at `now`).

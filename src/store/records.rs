@@ -299,6 +299,31 @@ pub struct WebhookAttempt {
     pub error: Option<String>,
 }
 
+/// Fresh webhook deliveries handed, as an outcome transaction writes them,
+/// to the webhook dispatcher of the process that writes them: each one
+/// `take` accepts (the dispatcher has a free request slot for its endpoint)
+/// is written already leased until `lease_until` and comes back in `jobs`,
+/// to be posted as soon as the transaction commits — no claim, no lease
+/// update and no read back. The others (`left`) are written unleased, for
+/// a claim to find.
+pub struct Handing<'a> {
+    pub lease_until: Millis,
+    pub take: &'a mut (dyn FnMut(&str) -> bool + Send),
+    pub jobs: Vec<WebhookJob>,
+    pub left: usize,
+}
+
+impl<'a> Handing<'a> {
+    pub fn new(lease_until: Millis, take: &'a mut (dyn FnMut(&str) -> bool + Send)) -> Self {
+        Handing {
+            lease_until,
+            take,
+            jobs: Vec::new(),
+            left: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct WebhookJob {
     pub delivery_id: String,

@@ -1,24 +1,28 @@
 //! The webhook dispatcher: claims due deliveries from the store (with a
 //! lease, so several processes can share the work and a crash loses
-//! nothing), signs and POSTs each event, and records every attempt. 2xx is
+//! nothing) or takes them as this process's outcome transactions write
+//! them (leased to it already: [`Dispatcher::try_take`] and
+//! [`Dispatcher::hand_over`]), signs and POSTs each event, and records
+//! every attempt. 2xx is
 //! success; redirects are not followed (a failure); 410 disables the
 //! endpoint; 429/503 honour Retry-After; anything else retries on the
 //! schedule until it is exhausted. The `webhook-id` is the event id, the same
 //! on every retry.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::signing::signature_header;
+use super::slots::{Slots, Ticket, MAX_IN_FLIGHT, PER_ENDPOINT};
 use super::ssrf::{check_static, SafeResolver};
 use crate::delivery::RetrySchedule;
-use crate::domain::now_ms;
+use crate::domain::{now_ms, Millis};
 use crate::metrics::Metrics;
 use crate::store::{Store, WebhookJob, WebhookResult};
 
@@ -31,11 +35,10 @@ const POLL: Duration = Duration::from_millis(200);
 const WAKE_GAP: Duration = Duration::from_millis(25);
 /// Most deliveries claimed at once.
 const BATCH: usize = 64;
-/// Most webhook requests in flight per process.
-const MAX_IN_FLIGHT: usize = 128;
-/// Most requests in flight to one endpoint: one that hangs until the
-/// timeout holds at most half the slots, and the others share the rest.
-const PER_ENDPOINT: usize = MAX_IN_FLIGHT / 2;
+/// How long a group of attempts to record stays open after its first:
+/// deliveries handed over as outcomes are recorded end a few at a time,
+/// and each group is one transaction of three statements.
+const RECORD_LINGER: Duration = Duration::from_millis(2);
 const MAX_BODY: usize = 4096;
 const MAX_RETRY_AFTER: i64 = 24 * 3_600_000;
 
@@ -50,44 +53,17 @@ pub struct Dispatcher {
     lease: Duration,
     metrics: Arc<Metrics>,
     /// Notified when this process has written events (recorded delivery
-    /// outcomes): an idle dispatcher claims at once instead of at its next
-    /// poll. Events written elsewhere are found by the poll.
-    due: Arc<Notify>,
-}
-
-/// Requests in flight per endpoint, and a signal when one ends.
-#[derive(Default)]
-struct InFlight {
-    counts: Mutex<HashMap<String, usize>>,
-    ended: Notify,
-}
-
-impl InFlight {
-    fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
-        self.counts
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn snapshot(&self) -> HashMap<String, usize> {
-        self.counts().clone()
-    }
-
-    fn start(&self, endpoint: &str) {
-        *self.counts().entry(endpoint.to_string()).or_default() += 1;
-    }
-
-    fn end(&self, endpoint: &str) {
-        let mut counts = self.counts();
-        if let Some(n) = counts.get_mut(endpoint) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(endpoint);
-            }
-        }
-        drop(counts);
-        self.ended.notify_one();
-    }
+    /// outcomes) that it did not take at once: an idle dispatcher claims
+    /// then instead of at its next poll. Events written elsewhere are found
+    /// by the poll.
+    due: Notify,
+    slots: Slots,
+    /// Posting requests: every one is tracked, so that shutdown waits for
+    /// them.
+    tasks: TaskTracker,
+    /// Where posted requests report, while the dispatcher runs (`None`
+    /// before and after: nothing is handed over then).
+    results: Mutex<Option<mpsc::Sender<WebhookResult>>>,
 }
 
 /// The ids of the enabled endpoints, read again when a second old: an
@@ -145,7 +121,6 @@ impl Dispatcher {
         allow_private: bool,
         disable_after: Duration,
         metrics: Arc<Metrics>,
-        due: Arc<Notify>,
     ) -> anyhow::Result<Dispatcher> {
         let client = reqwest::Client::builder()
             .dns_resolver(Arc::new(SafeResolver { allow_private }))
@@ -165,29 +140,96 @@ impl Dispatcher {
             disable_after,
             lease: timeout * 2,
             metrics,
-            due,
+            due: Notify::new(),
+            slots: Slots::default(),
+            tasks: TaskTracker::new(),
+            results: Mutex::new(None),
         })
     }
 
+    /// Events were written that wait for a claim: an idle dispatcher
+    /// claims now rather than at its next poll.
+    pub fn wake(&self) {
+        self.due.notify_one();
+    }
+
+    /// Until when a delivery handed over now belongs to this process.
+    pub fn lease_until(&self) -> Millis {
+        now_ms() + self.lease.as_millis() as i64
+    }
+
+    /// A request slot for a delivery to `endpoint` being written now, if
+    /// one is free at once (and the dispatcher is running).
+    pub fn try_take(&self, endpoint: &str) -> Option<Ticket> {
+        if self.reporting().is_none() {
+            return None;
+        }
+        self.slots.try_take(endpoint)
+    }
+
+    /// Posts the deliveries handed over with their tickets (in the order
+    /// taken). Once the dispatcher has stopped they are dropped: leased,
+    /// they are claimed again when their lease runs out.
+    pub fn hand_over(self: &Arc<Self>, jobs: Vec<WebhookJob>, tickets: Vec<Ticket>) {
+        let reporting = self.reporting();
+        let Some(results) = reporting.as_ref() else {
+            return;
+        };
+        for (job, ticket) in jobs.into_iter().zip(tickets) {
+            self.spawn_post(job, ticket, results.clone());
+        }
+    }
+
+    fn reporting(&self) -> MutexGuard<'_, Option<mpsc::Sender<WebhookResult>>> {
+        self.results
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Posts one delivery in its own task, holding `ticket` until its
+    /// result is handed to the recorder.
+    fn spawn_post(
+        self: &Arc<Self>,
+        job: WebhookJob,
+        ticket: Ticket,
+        results: mpsc::Sender<WebhookResult>,
+    ) {
+        let me = self.clone();
+        self.tasks.spawn(async move {
+            let result = me.deliver(job).await;
+            // Waits while the recorder is behind, holding the slot:
+            // posting goes no faster than recording.
+            let _ = results.send(result).await;
+            drop(ticket);
+        });
+    }
+
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let tasks = TaskTracker::new();
-        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-        let in_flight = Arc::new(InFlight::default());
         let mut endpoints = Endpoints::default();
         let (results, outcomes) = mpsc::channel(MAX_IN_FLIGHT);
         let recorder = tokio::spawn(record(self.store.clone(), outcomes));
+        *self.reporting() = Some(results.clone());
         loop {
             // Claim only what can be posted now: a claimed delivery waiting
             // for a slot would only age its lease.
             let first = tokio::select! {
-                permit = slots.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
+                permit = self.slots.permit() => match permit {
+                    Some(permit) => permit,
+                    None => break,
                 },
                 _ = shutdown.cancelled() => break,
             };
-            let want = (slots.available_permits() + 1).min(BATCH);
-            let busy = in_flight.snapshot();
+            // Every slot a claim may fill is taken before it claims:
+            // deliveries handed over meanwhile take slots too.
+            let mut permits = vec![first];
+            while permits.len() < BATCH {
+                match self.slots.try_permit() {
+                    Some(permit) => permits.push(permit),
+                    None => break,
+                }
+            }
+            let want = permits.len();
+            let busy = self.slots.busy();
             let rooms = rooms(endpoints.current(&*self.store).await, &busy);
             let last_claim = Instant::now();
             let now = now_ms();
@@ -204,31 +246,17 @@ impl Dispatcher {
                 }
             };
             let idle = jobs.is_empty();
-            let mut permits = std::iter::once(first).chain(std::iter::from_fn(|| {
-                slots.clone().try_acquire_owned().ok()
-            }));
-            for job in jobs {
-                // This loop alone takes slots, and claimed no more than
-                // were free.
-                let permit = permits.next();
-                let (me, results, in_flight) = (self.clone(), results.clone(), in_flight.clone());
-                in_flight.start(&job.webhook.id);
-                tasks.spawn(async move {
-                    let endpoint = job.webhook.id.clone();
-                    let result = me.deliver(job).await;
-                    // Waits while the recorder is behind, holding the slot:
-                    // posting goes no faster than recording.
-                    let _ = results.send(result).await;
-                    drop(permit);
-                    in_flight.end(&endpoint);
-                });
+            // A claim returns no more jobs than it was asked for; the
+            // permits left over go back.
+            for (job, permit) in jobs.into_iter().zip(permits) {
+                let ticket = self.slots.ticket(permit, &job.webhook.id);
+                self.spawn_post(job, ticket, results.clone());
             }
-            drop(permits);
             if idle {
                 // An endpoint at its share may have due work: look again
                 // when one of its requests ends, not a whole poll later.
                 let capped = busy.values().any(|&n| n >= PER_ENDPOINT);
-                let ended = capped.then_some(&in_flight.ended);
+                let ended = capped.then_some(self.slots.ended());
                 if rest(&self.due, ended, last_claim, &shutdown).await == Woken::Shutdown {
                     break;
                 }
@@ -236,8 +264,10 @@ impl Dispatcher {
                 break;
             }
         }
-        tasks.close();
-        tasks.wait().await;
+        // Nothing is handed over from here on; what was is tracked.
+        self.reporting().take();
+        self.tasks.close();
+        self.tasks.wait().await;
         drop(results);
         let _ = recorder.await;
     }
@@ -459,10 +489,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 async fn record(store: Arc<dyn Store>, mut outcomes: mpsc::Receiver<WebhookResult>) {
     while let Some(first) = outcomes.recv().await {
         let mut group = vec![first];
+        let deadline = tokio::time::Instant::now() + RECORD_LINGER;
         while group.len() < BATCH {
-            match outcomes.try_recv() {
-                Ok(result) => group.push(result),
-                Err(_) => break,
+            match tokio::time::timeout_at(deadline, outcomes.recv()).await {
+                Ok(Some(result)) => group.push(result),
+                _ => break,
             }
         }
         if let Err(e) = store.record_webhook_attempts(&group).await {

@@ -4,6 +4,8 @@
 
 mod dispatcher;
 pub mod signing;
+mod slots;
 pub mod ssrf;
 
 pub use dispatcher::Dispatcher;
+pub use slots::Ticket;

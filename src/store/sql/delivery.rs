@@ -8,6 +8,7 @@ use sqlx::{AnyConnection, Connection, Row};
 
 use super::events::{
     last_sequences, message_event, subscriptions, write_events, MessageEvent, PendingEvent,
+    Subscription,
 };
 use super::messages::{finalize_waiting, recompute_messages, Finish};
 use super::{batch, rows, SqlStore};
@@ -240,11 +241,12 @@ async fn add_suppressions(tx: &mut AnyConnection, report: &DeliveryReport) -> St
     Ok(())
 }
 
-/// The events for a group of reports, numbered on from each message's last.
+/// The events for a group of reports, numbered on from each message's last,
+/// and the endpoints they are addressed to.
 async fn report_events(
     tx: &mut AnyConnection,
     reports: &[DeliveryReport],
-) -> StoreResult<Vec<PendingEvent>> {
+) -> StoreResult<(Vec<PendingEvent>, Vec<Subscription>)> {
     let subscriptions = subscriptions(tx).await?;
     let ids: Vec<&str> = reports.iter().map(|r| r.message_id.as_str()).collect();
     let mut sequences = last_sequences(tx, &ids).await?;
@@ -272,7 +274,7 @@ async fn report_events(
             ));
         }
     }
-    Ok(events)
+    Ok((events, subscriptions))
 }
 
 #[async_trait]
@@ -337,7 +339,11 @@ impl DeliveryStore for SqlStore {
         Ok(claims)
     }
 
-    async fn record_many(&self, reports: &[DeliveryReport]) -> StoreResult<Vec<RecordResult>> {
+    async fn record_many(
+        &self,
+        reports: &[DeliveryReport],
+        handing: Option<&mut Handing<'_>>,
+    ) -> StoreResult<Vec<RecordResult>> {
         let mut conn = self.hot.get(&self.pool).await?;
         let mut tx = conn.begin().await?;
         update_recipients(&mut tx, reports).await?;
@@ -345,8 +351,9 @@ impl DeliveryStore for SqlStore {
         for report in reports {
             add_suppressions(&mut tx, report).await?;
         }
-        let events = report_events(&mut tx, reports).await?;
-        write_events(&mut tx, &events).await?;
+        let (events, endpoints) = report_events(&mut tx, reports).await?;
+        let handing = handing.map(|h| (h, endpoints.as_slice()));
+        write_events(&mut tx, &events, handing).await?;
         let now = reports.iter().map(|r| r.now).max().unwrap_or(0);
         let flags: Vec<(&str, bool)> = reports
             .iter()

@@ -6,11 +6,13 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use sqlx::{AnyConnection, Row};
+use sqlx::AnyConnection;
 
 use super::{batch, rows, SqlStore};
 use crate::domain::{format_ms, new_id, Attempt, Millis, Status};
-use crate::store::{EventFilter, EventRecord, EventStore, StoreResult};
+use crate::store::{
+    EventFilter, EventRecord, EventStore, Handing, StoreResult, Webhook, WebhookJob,
+};
 
 /// What a message event says about one recipient.
 pub struct MessageEvent<'a> {
@@ -26,22 +28,24 @@ pub struct MessageEvent<'a> {
     pub superseded_by: Option<&'a str>,
 }
 
-/// An enabled webhook endpoint and its stored subscription list.
-pub type Subscription = (String, String);
+/// An enabled webhook endpoint (all of it: a delivery handed to the
+/// dispatcher as it is written is posted without reading it again).
+pub type Subscription = Webhook;
 
 /// Enabled endpoints, read once for a group of events.
 pub async fn subscriptions(conn: &mut AnyConnection) -> StoreResult<Vec<Subscription>> {
-    let found = sqlx::query("SELECT id, events FROM webhooks WHERE disabled_at IS NULL")
-        .fetch_all(&mut *conn)
-        .await?;
-    found
-        .iter()
-        .map(|r| Ok((r.try_get("id")?, r.try_get("events")?)))
-        .collect()
+    let found = sqlx::query(&format!(
+        "SELECT {} FROM webhooks WHERE disabled_at IS NULL",
+        rows::WEBHOOK_COLUMNS
+    ))
+    .fetch_all(&mut *conn)
+    .await?;
+    found.iter().map(rows::webhook).collect()
 }
 
-fn subscribed(events: &str, event_type: &str) -> bool {
-    events == "*" || events.contains(&format!(",{event_type},"))
+/// An endpoint's subscription list, empty for all events.
+fn subscribed(webhook: &Webhook, event_type: &str) -> bool {
+    webhook.events.is_empty() || webhook.events.iter().any(|e| e == event_type)
 }
 
 /// The last per-message event sequence of each message (0 if none yet).
@@ -150,8 +154,8 @@ impl NewEvent<'_> {
             Some(webhook) => vec![webhook.to_string()],
             None => subscriptions
                 .iter()
-                .filter(|(_, events)| subscribed(events, self.event_type))
-                .map(|(id, _)| id.clone())
+                .filter(|w| subscribed(w, self.event_type))
+                .map(|w| w.id.clone())
                 .collect(),
         };
         PendingEvent {
@@ -182,8 +186,13 @@ pub struct PendingEvent {
 }
 
 /// Writes events and their pending webhook deliveries: one multi-row
-/// statement each (per chunk).
-pub async fn write_events(conn: &mut AnyConnection, events: &[PendingEvent]) -> StoreResult<()> {
+/// statement each (per chunk). With `handing` (and the endpoints the events
+/// were addressed from), each delivery is offered to it first.
+pub async fn write_events(
+    conn: &mut AnyConnection,
+    events: &[PendingEvent],
+    mut handing: Option<(&mut Handing<'_>, &[Subscription])>,
+) -> StoreResult<()> {
     for chunk in batch::split(events, 8) {
         let sql = format!(
             "INSERT INTO events (id, type, message_id, key_id, recipient, message_seq, payload, \
@@ -208,24 +217,59 @@ pub async fn write_events(conn: &mut AnyConnection, events: &[PendingEvent]) -> 
         .iter()
         .flat_map(|e| e.targets.iter().map(move |t| (e, t)))
         .collect();
-    for chunk in batch::split(&deliveries, 4) {
+    for chunk in batch::split(&deliveries, 5) {
         let sql = format!(
             "INSERT INTO webhook_deliveries (id, webhook_id, event_id, next_attempt_at, status, \
-             attempts, created_at, updated_at) SELECT v.column1, v.column2, v.column3, v.column4, \
-             'pending', 0, v.column4, v.column4 FROM (VALUES {}) AS v",
-            batch::values(chunk.len(), 4, 1)
+             attempts, created_at, updated_at, lease_until) SELECT v.column1, v.column2, \
+             v.column3, v.column4, 'pending', 0, v.column4, v.column4, v.column5 \
+             FROM (VALUES {}) AS v",
+            batch::values(chunk.len(), 5, 1)
         );
         let mut query = sqlx::query(&sql);
         for (event, webhook_id) in chunk {
+            let id = format!("dlv_{}", new_id().replace('-', ""));
+            let lease_until = match handing.as_mut() {
+                Some((h, endpoints)) => hand(h, endpoints, event, webhook_id, &id),
+                None => None,
+            };
             query = query
-                .bind(format!("dlv_{}", new_id().replace('-', "")))
+                .bind(id)
                 .bind(webhook_id.as_str())
                 .bind(&event.id)
-                .bind(event.created_at);
+                .bind(event.created_at)
+                .bind(lease_until);
         }
         query.execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// Offers one delivery to `handing`: its lease if taken (and its job added
+/// to those to post), `None` if it is left for a claim.
+fn hand(
+    handing: &mut Handing<'_>,
+    endpoints: &[Subscription],
+    event: &PendingEvent,
+    webhook_id: &str,
+    delivery_id: &str,
+) -> Option<Millis> {
+    let webhook = endpoints.iter().find(|w| w.id == webhook_id);
+    match webhook {
+        Some(webhook) if (handing.take)(webhook_id) => {
+            handing.jobs.push(WebhookJob {
+                delivery_id: delivery_id.to_string(),
+                event_id: event.id.clone(),
+                payload: event.payload.clone(),
+                attempts: 0,
+                webhook: webhook.clone(),
+            });
+            Some(handing.lease_until)
+        }
+        _ => {
+            handing.left += 1;
+            None
+        }
+    }
 }
 
 /// Writes one event (reading the subscriptions itself); returns its id.
@@ -239,7 +283,7 @@ pub async fn insert_event(
         None => subscriptions(conn).await?,
     };
     let event = e.pending(&subs, now);
-    write_events(conn, std::slice::from_ref(&event)).await?;
+    write_events(conn, std::slice::from_ref(&event), None).await?;
     Ok(event.id)
 }
 
@@ -364,5 +408,81 @@ mod tests {
             let event = message_event(e, &mut sequences, &[], 1_700_000_000_123).unwrap();
             assert_eq!(event.payload, expected, "{status:?}");
         }
+    }
+
+    fn endpoint(id: &str) -> Webhook {
+        Webhook {
+            id: id.into(),
+            url: format!("https://hooks.example.com/{id}"),
+            events: Vec::new(),
+            description: None,
+            secret: "whsec_test".into(),
+            previous_secret: None,
+            previous_secret_until: None,
+            disabled_at: None,
+            disabled_reason: None,
+            failing_since: None,
+            created_at: 1,
+            updated_at: 1,
+        }
+    }
+
+    /// A delivery the dispatcher takes is written leased and comes back as
+    /// a job to post; one it does not is written unleased, for a claim.
+    #[tokio::test]
+    async fn deliveries_taken_by_the_dispatcher_are_written_leased_and_returned() {
+        use crate::store::Store;
+        let store = SqlStore::connect("sqlite::memory:", 1).await.unwrap();
+        store.migrate().await.unwrap();
+        let endpoints = vec![endpoint("wh_a"), endpoint("wh_b")];
+        let event = NewEvent {
+            event_type: "message.delivered",
+            message_id: Some("m1"),
+            key_id: Some("k1"),
+            recipient: Some("a@example.com"),
+            message_seq: 1,
+            data: "{}".into(),
+            only_webhook: None,
+        }
+        .pending(&endpoints, 1_000);
+        let mut offered = Vec::new();
+        let mut take = |id: &str| {
+            offered.push(id.to_string());
+            id == "wh_a"
+        };
+        let mut handing = Handing::new(31_000, &mut take);
+        let mut conn = store.pool.acquire().await.unwrap();
+        write_events(
+            &mut conn,
+            std::slice::from_ref(&event),
+            Some((&mut handing, &endpoints)),
+        )
+        .await
+        .unwrap();
+        let Handing { jobs, left, .. } = handing;
+        assert_eq!(offered, ["wh_a", "wh_b"]);
+        assert_eq!(left, 1);
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(
+            (
+                jobs[0].webhook.id.as_str(),
+                jobs[0].event_id.as_str(),
+                jobs[0].attempts
+            ),
+            ("wh_a", event.id.as_str(), 0)
+        );
+        assert_eq!(jobs[0].payload, event.payload);
+        let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(
+            "SELECT id, webhook_id, lease_until FROM webhook_deliveries ORDER BY webhook_id",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].0.as_str(), rows[0].2),
+            (jobs[0].delivery_id.as_str(), Some(31_000))
+        );
+        assert_eq!((rows[1].1.as_str(), rows[1].2), ("wh_b", None));
     }
 }

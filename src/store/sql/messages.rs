@@ -402,7 +402,7 @@ pub async fn finalize_waiting(
         };
         events.extend(message_event(event, &mut sequences, &subscriptions, now));
     }
-    write_events(conn, &events).await?;
+    write_events(conn, &events, None).await?;
     recompute_message(conn, message_id, now, true).await?;
     Ok(changed.len() as u64)
 }
