@@ -3,11 +3,10 @@
 //! nothing) or takes them as this process's outcome transactions write
 //! them (leased to it already: [`Dispatcher::try_take`] and
 //! [`Dispatcher::hand_over`]), signs and POSTs each event, and records
-//! every attempt. 2xx is
-//! success; redirects are not followed (a failure); 410 disables the
-//! endpoint; 429/503 honour Retry-After; anything else retries on the
-//! schedule until it is exhausted. The `webhook-id` is the event id, the same
-//! on every retry.
+//! every attempt. 2xx is success; redirects are not followed (a failure);
+//! 410 disables the endpoint; 429/503 honour Retry-After; anything else
+//! retries on the schedule until it is exhausted. The `webhook-id` is the
+//! event id, the same on every retry.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
