@@ -230,8 +230,14 @@ impl Application {
         if let Some(sweeper) = self.sweeper {
             tasks.spawn(sweeper.run(background.clone()));
         }
+        // The dispatcher stops after the worker: the outcomes the worker
+        // records while it drains hand their webhooks to a dispatcher that
+        // still posts them (a delivery handed to one that had stopped would
+        // wait for its lease to run out).
+        let webhooks = CancellationToken::new();
+        let webhook_tasks = TaskTracker::new();
         if let Some(dispatcher) = self.dispatcher {
-            tasks.spawn(dispatcher.run(background.clone()));
+            webhook_tasks.spawn(dispatcher.run(webhooks.clone()));
         }
         match self.listener {
             Some(listener) => {
@@ -248,6 +254,9 @@ impl Application {
         background.cancel();
         tasks.close();
         tasks.wait().await;
+        webhooks.cancel();
+        webhook_tasks.close();
+        webhook_tasks.wait().await;
         self.commits.close();
         self.commits.wait().await;
         tracing::info!("shutdown complete");
