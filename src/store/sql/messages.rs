@@ -138,11 +138,21 @@ fn bind_recipients<'a, 'q: 'a>(
 
 /// `WITH m AS (INSERT messages), b AS (INSERT bodies), r AS (INSERT
 /// recipients) SELECT 1` for `messages` message rows and `recipients`
-/// recipient rows, both padded (see [`padded_insert`]).
-fn one_statement_insert_sql(messages: usize, recipients: usize) -> String {
+/// recipient rows, both padded (see [`padded_insert`]), and with
+/// `idempotency` rows (padded too) `i AS (UPDATE idempotency …)`, which
+/// stores the keyed sends' answers in the same statement.
+fn one_statement_insert_sql(messages: usize, recipients: usize, idempotency: usize) -> String {
     let bodies_from = 1 + messages * MESSAGE_INSERT_COLS;
+    let recipients_from = bodies_from + messages * BODY_INSERT_COLS;
+    let finish = match idempotency {
+        0 => String::new(),
+        rows => format!(
+            ", i AS ({})",
+            idempotency_update_sql(rows, recipients_from + recipients * RECIPIENT_INSERT_COLS)
+        ),
+    };
     format!(
-        "WITH m AS ({}), b AS ({}), r AS ({}) SELECT 1",
+        "WITH m AS ({}), b AS ({}), r AS ({}){finish} SELECT 1",
         padded_insert(MESSAGES_INSERT, messages, MESSAGE_INSERT_COLS, 1, "column1"),
         padded_insert(
             BODIES_INSERT,
@@ -155,7 +165,7 @@ fn one_statement_insert_sql(messages: usize, recipients: usize) -> String {
             RECIPIENTS_INSERT,
             recipients,
             RECIPIENT_INSERT_COLS,
-            bodies_from + messages * BODY_INSERT_COLS,
+            recipients_from,
             "column1, column2"
         )
     )
@@ -181,6 +191,9 @@ struct InsertChunk<'a> {
     message_rows: usize,
     recipients: Vec<RecipientRow<'a>>,
     recipient_rows: usize,
+    /// The keyed sends' answers, when the statement stores them too.
+    idempotency: Vec<&'a IdemFinish>,
+    idempotency_rows: usize,
 }
 
 impl<'a> InsertChunk<'a> {
@@ -192,26 +205,48 @@ impl<'a> InsertChunk<'a> {
             message_rows,
             recipients,
             recipient_rows,
+            idempotency: Vec::new(),
+            idempotency_rows: 0,
         }
+    }
+
+    /// Makes the chunk's statement store its keyed sends' answers as well
+    /// (for a group that is one chunk, whose statement is then its whole
+    /// transaction).
+    fn finish_idempotency_too(&mut self) {
+        self.idempotency = idempotency_of(self.messages.iter().copied());
+        self.idempotency_rows = match self.idempotency.len() {
+            0 => 0,
+            n => n.next_power_of_two(),
+        };
     }
 
     fn params(&self) -> usize {
         self.message_rows * (MESSAGE_INSERT_COLS + BODY_INSERT_COLS)
             + self.recipient_rows * RECIPIENT_INSERT_COLS
+            + self.idempotency_rows * IDEM_FINISH_COLS
     }
 
     fn sql(&self) -> String {
-        one_statement_insert_sql(self.message_rows, self.recipient_rows)
+        one_statement_insert_sql(
+            self.message_rows,
+            self.recipient_rows,
+            self.idempotency_rows,
+        )
     }
 
     fn bind<'q>(&'q self, sql: &'q str, now: Millis) -> AnyQuery<'q> {
         let messages = || batch::fill(self.messages, self.message_rows).copied();
         let query = bind_messages(sqlx::query(sql), messages(), now);
         let query = bind_bodies(query, messages());
-        bind_recipients(
+        let query = bind_recipients(
             query,
             batch::fill(&self.recipients, self.recipient_rows),
             now,
+        );
+        bind_idempotency(
+            query,
+            batch::fill(&self.idempotency, self.idempotency_rows).copied(),
         )
     }
 }
@@ -247,10 +282,10 @@ impl SqlStore {
 
     /// Postgres, messages without a collapse key: the three inserts in one
     /// statement per chunk of up to 64 messages, padded (see
-    /// [`padded_insert`]), and the idempotency records of those sent with a
-    /// key finished in one more. A group that fits one chunk and carries
-    /// no idempotency key is one round trip (the statement is its own
-    /// transaction); otherwise the statements share one transaction.
+    /// [`padded_insert`]). A group that fits one chunk is one round trip:
+    /// its statement, which also marks its keyed sends' idempotency records
+    /// done, is its own transaction. A bigger group's statements share one
+    /// transaction, with one more statement for the idempotency records.
     /// `false` if the group does not qualify.
     async fn insert_in_one_statement(
         &self,
@@ -262,19 +297,21 @@ impl SqlStore {
             return Ok(false);
         }
         let rows: Vec<&NewMessage> = messages.iter().collect();
-        let chunks: Vec<InsertChunk> = batch::padded(
+        let mut chunks: Vec<InsertChunk> = batch::padded(
             &rows,
             MESSAGE_INSERT_COLS + BODY_INSERT_COLS + RECIPIENT_INSERT_COLS,
         )
         .into_iter()
         .map(|(chunk, size)| InsertChunk::new(chunk, size))
         .collect();
+        if let [only] = chunks.as_mut_slice() {
+            only.finish_idempotency_too();
+        }
         if chunks.iter().any(|c| c.params() > batch::MAX_PARAMS) {
             return Ok(false);
         }
-        let keyed = messages.iter().any(|m| m.idempotency.is_some());
         let mut conn = self.hot.get(&self.pool).await?;
-        if let ([only], false) = (chunks.as_slice(), keyed) {
+        if let [only] = chunks.as_slice() {
             let sql = only.sql();
             only.bind(&sql, now).execute(&mut *conn).await?;
         } else {
@@ -733,37 +770,59 @@ impl MessageStore for SqlStore {
     }
 }
 
+/// Parameters of one row of [`idempotency_update_sql`].
+const IDEM_FINISH_COLS: usize = 4;
+
+/// The keyed sends' answers among `messages`.
+fn idempotency_of<'a>(messages: impl Iterator<Item = &'a NewMessage>) -> Vec<&'a IdemFinish> {
+    messages.filter_map(|m| m.idempotency.as_ref()).collect()
+}
+
+/// Marks `rows` idempotency records done with their answers (parameters
+/// from `$first`; rows padded by repeating the last, which updates nothing
+/// twice).
+fn idempotency_update_sql(rows: usize, first: usize) -> String {
+    format!(
+        "UPDATE idempotency SET state = 'done', response_status = v.column3, \
+         response_body = v.column4 FROM (VALUES {}) AS v \
+         WHERE idempotency.key_id = v.column1 AND idempotency.idem_key = v.column2",
+        batch::values(rows, IDEM_FINISH_COLS, first)
+    )
+}
+
+fn bind_idempotency<'q>(
+    mut query: AnyQuery<'q>,
+    rows: impl IntoIterator<Item = &'q IdemFinish>,
+) -> AnyQuery<'q> {
+    for idem in rows {
+        query = query
+            .bind(&idem.key_id)
+            .bind(&idem.idem_key)
+            .bind(i64::from(idem.status))
+            .bind(&idem.body);
+    }
+    query
+}
+
 /// Stores the answer of each keyed send of an accepted group, for replays:
-/// one statement per chunk of up to 64 (padded by repeating the last row,
-/// which updates nothing twice); none for a group without keys.
+/// one statement per chunk of up to 64; none for a group without keys.
 async fn finish_idempotency(conn: &mut AnyConnection, messages: &[NewMessage]) -> StoreResult<()> {
-    let idems: Vec<&IdemFinish> = messages
-        .iter()
-        .filter_map(|m| m.idempotency.as_ref())
-        .collect();
-    for (chunk, size) in batch::padded(&idems, 4) {
-        let sql = format!(
-            "UPDATE idempotency SET state = 'done', response_status = v.column3, \
-             response_body = v.column4 FROM (VALUES {}) AS v \
-             WHERE idempotency.key_id = v.column1 AND idempotency.idem_key = v.column2",
-            batch::values(size, 4, 1)
-        );
-        let mut query = sqlx::query(&sql);
-        for idem in batch::fill(chunk, size) {
-            query = query
-                .bind(&idem.key_id)
-                .bind(&idem.idem_key)
-                .bind(i64::from(idem.status))
-                .bind(&idem.body);
-        }
-        query.execute(&mut *conn).await?;
+    let idems = idempotency_of(messages.iter());
+    for (chunk, size) in batch::padded(&idems, IDEM_FINISH_COLS) {
+        let sql = idempotency_update_sql(size, 1);
+        bind_idempotency(sqlx::query(&sql), batch::fill(chunk, size).copied())
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{list_query, ListBind};
+    use super::{
+        list_query, one_statement_insert_sql, ListBind, BODY_INSERT_COLS, IDEM_FINISH_COLS,
+        MESSAGE_INSERT_COLS, RECIPIENT_INSERT_COLS,
+    };
     use crate::domain::Status;
     use crate::store::records::MessageFilter;
 
@@ -771,6 +830,31 @@ mod tests {
         MessageFilter {
             limit: 50,
             ..MessageFilter::default()
+        }
+    }
+
+    /// The accept statement numbers its parameters 1..=n, each once, in the
+    /// order they are bound: messages, bodies, recipients, idempotency.
+    #[test]
+    fn the_accept_statement_binds_every_parameter_once_in_order() {
+        for (messages, recipients, idempotency) in [(1, 1, 0), (4, 8, 0), (1, 1, 1), (8, 16, 4)] {
+            let sql = one_statement_insert_sql(messages, recipients, idempotency);
+            let mut numbers: Vec<usize> = sql
+                .split('$')
+                .skip(1)
+                .map(|rest| {
+                    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                    digits.parse().unwrap()
+                })
+                .collect();
+            let expected = messages * (MESSAGE_INSERT_COLS + BODY_INSERT_COLS)
+                + recipients * RECIPIENT_INSERT_COLS
+                + idempotency * IDEM_FINISH_COLS;
+            assert_eq!(numbers.len(), expected, "{sql}");
+            assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{sql}");
+            numbers.dedup();
+            assert_eq!((numbers[0], numbers[numbers.len() - 1]), (1, expected));
+            assert_eq!(sql.contains("UPDATE idempotency"), idempotency > 0);
         }
     }
 
