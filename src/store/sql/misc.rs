@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 use sqlx::Row;
 
-use super::{batch, SqlStore};
+use super::{batch, Backend, SqlStore};
 use crate::domain::Millis;
 use crate::store::records::*;
 use crate::store::{IdempotencyStore, StoreResult, SuppressionStore};
@@ -71,8 +71,17 @@ const IDEM_INSERT_COLS: usize = 6;
 
 impl SqlStore {
     /// Reserves every key among `reqs` that no record holds (one statement
-    /// per power-of-two chunk, in one transaction on a hot-path connection);
-    /// returns those reserved.
+    /// per chunk of up to 64, padded by repeating the last request, which
+    /// its own first row makes a conflict); returns those reserved.
+    ///
+    /// Not flushed on commit: the reservation only has to hold while its
+    /// request runs, and that request answers 202 only after the accept's
+    /// durable commit, which flushes the WAL written before it — this
+    /// reservation included. Lost in a crash before that, it belonged to a
+    /// request that got no answer and may be sent again. On Postgres a
+    /// group that fits one statement is that statement alone, its own
+    /// transaction, which sets `synchronous_commit` off for itself
+    /// (`set_config(…, true)`): one round trip instead of three.
     async fn reserve_free_keys(
         &self,
         reqs: &[&IdemRequest],
@@ -83,37 +92,75 @@ impl SqlStore {
         if reqs.is_empty() {
             return Ok(reserved);
         }
-        // Not flushed on commit: the reservation only has to hold while its
-        // request runs, and that request answers 202 only after the accept's
-        // durable commit, which flushes the WAL written before it — this
-        // reservation included. Lost in a crash before that, it belonged to
-        // a request that got no answer and may be sent again.
+        let chunks = batch::padded(reqs, IDEM_INSERT_COLS);
         let mut conn = self.hot.get(&self.pool).await?;
-        let mut tx = self.begin_unflushed_on(&mut conn).await?;
-        for chunk in batch::split(reqs, IDEM_INSERT_COLS) {
-            let sql = format!(
-                "INSERT INTO idempotency (key_id, idem_key, request_hash, created_at, expires_at, state) \
-                 VALUES {} ON CONFLICT (key_id, idem_key) DO NOTHING RETURNING key_id, idem_key",
-                batch::values(chunk.len(), IDEM_INSERT_COLS, 1)
-            );
-            let mut query = sqlx::query(&sql);
-            for req in chunk {
-                query = query
-                    .bind(&req.key_id)
-                    .bind(&req.idem_key)
-                    .bind(&req.request_hash)
-                    .bind(now)
-                    .bind(now + ttl_ms)
-                    .bind("in_flight");
+        if let ([(chunk, size)], Backend::Postgres) = (chunks.as_slice(), self.backend) {
+            let sql = reserve_sql(*size, true);
+            let found = bind_reservations(sqlx::query(&sql), chunk, *size, now, ttl_ms)
+                .fetch_all(&mut *conn)
+                .await?;
+            collect_reserved(&found, &mut reserved)?;
+        } else {
+            let mut tx = self.begin_unflushed_on(&mut conn).await?;
+            for (chunk, size) in &chunks {
+                let sql = reserve_sql(*size, false);
+                let found = bind_reservations(sqlx::query(&sql), chunk, *size, now, ttl_ms)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                collect_reserved(&found, &mut reserved)?;
             }
-            for row in query.fetch_all(&mut *tx).await? {
-                reserved.insert((row.try_get("key_id")?, row.try_get("idem_key")?));
-            }
+            tx.commit().await?;
         }
-        tx.commit().await?;
         conn.keep();
         Ok(reserved)
     }
+}
+
+/// The reservation of `rows` keys; `unflushed`, a statement that commits
+/// without a WAL flush as its own transaction (Postgres).
+fn reserve_sql(rows: usize, unflushed: bool) -> String {
+    let values = batch::values(rows, IDEM_INSERT_COLS, 1);
+    let insert =
+        "INSERT INTO idempotency (key_id, idem_key, request_hash, created_at, expires_at, state)";
+    let rest = "ON CONFLICT (key_id, idem_key) DO NOTHING RETURNING key_id, idem_key";
+    if unflushed {
+        format!(
+            "WITH c AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS s) \
+             {insert} SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6 \
+             FROM (VALUES {values}) AS v, c {rest}"
+        )
+    } else {
+        format!("{insert} VALUES {values} {rest}")
+    }
+}
+
+fn bind_reservations<'q>(
+    mut query: batch::AnyQuery<'q>,
+    chunk: &[&'q IdemRequest],
+    size: usize,
+    now: Millis,
+    ttl_ms: i64,
+) -> batch::AnyQuery<'q> {
+    for req in batch::fill(chunk, size) {
+        query = query
+            .bind(&req.key_id)
+            .bind(&req.idem_key)
+            .bind(&req.request_hash)
+            .bind(now)
+            .bind(now + ttl_ms)
+            .bind("in_flight");
+    }
+    query
+}
+
+fn collect_reserved(
+    found: &[sqlx::any::AnyRow],
+    reserved: &mut HashSet<(String, String)>,
+) -> StoreResult<()> {
+    for row in found {
+        reserved.insert((row.try_get("key_id")?, row.try_get("idem_key")?));
+    }
+    Ok(())
 }
 
 #[async_trait]
