@@ -5,6 +5,8 @@
 //! in a text column, so without this rule such a request reached the store
 //! and failed there as a 500.
 
+use std::fmt::Write as _;
+
 use serde_json::Value;
 
 use crate::error::FieldError;
@@ -77,7 +79,7 @@ fn walk(value: &Value, path: &mut String, found: &mut Vec<FieldError>) {
         Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {
                 let len = path.len();
-                path.push_str(&format!("[{i}]"));
+                let _ = write!(path, "[{i}]");
                 walk(item, path, found);
                 path.truncate(len);
             }
@@ -88,7 +90,7 @@ fn walk(value: &Value, path: &mut String, found: &mut Vec<FieldError>) {
                 if !path.is_empty() {
                     path.push('.');
                 }
-                path.push_str(&name.escape_debug().to_string());
+                let _ = write!(path, "{}", name.escape_debug());
                 if name.contains('\0') {
                     found.push(FieldError::new(path.clone(), MESSAGE));
                 } else {

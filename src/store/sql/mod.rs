@@ -100,6 +100,10 @@ pub struct SqlStore {
     hot: hot::HotConnections,
 }
 
+/// Opens a Postgres transaction whose commit does not wait for its WAL to
+/// reach the disk, in one round trip.
+const BEGIN_UNFLUSHED: &str = "BEGIN; SET LOCAL synchronous_commit = off";
+
 /// Idle connections kept out of the Postgres pool for the hot paths.
 const HOT_CONNECTIONS: usize = 8;
 
@@ -112,11 +116,7 @@ impl SqlStore {
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
         match self.backend {
-            Backend::Postgres => {
-                self.pool
-                    .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
-                    .await
-            }
+            Backend::Postgres => self.pool.begin_with(BEGIN_UNFLUSHED).await,
             Backend::Sqlite => self.pool.begin().await,
         }
     }
@@ -130,10 +130,7 @@ impl SqlStore {
     ) -> Result<sqlx::Transaction<'c, sqlx::Any>, sqlx::Error> {
         use sqlx::Connection;
         match self.backend {
-            Backend::Postgres => {
-                conn.begin_with("BEGIN; SET LOCAL synchronous_commit = off")
-                    .await
-            }
+            Backend::Postgres => conn.begin_with(BEGIN_UNFLUSHED).await,
             Backend::Sqlite => conn.begin().await,
         }
     }
